@@ -1,0 +1,1 @@
+"""Subcommands of the ``nnunet-partial`` CLI, one module each."""

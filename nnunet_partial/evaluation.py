@@ -1,0 +1,149 @@
+"""Evaluation: per-case, per-label Dice and HD95, partial-aware when annotations are given.
+
+A label is scored on a case only if it was annotated there (``annotated_labels``); without
+metadata every label is scored everywhere. Dice follows nnU-Net's convention (NaN when the
+label is absent from both reference and prediction, skipped by the means). HD95 (mm, world
+spacing) comes from MedPy's ``hd95``; it is undefined — NaN, skipped by the means — when the
+prediction or the reference of a label is empty (Dice already shows that failure as 0).
+"""
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from typing import Mapping, Optional
+
+import numpy as np
+
+from nnunet_partial.annotations import PartialAnnotations
+
+
+def nanmean(values) -> float:
+    """Mean of the non-NaN values; NaN (no warning) when there are none."""
+    arr = np.asarray(list(values), dtype=float)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else float("nan")
+
+
+# ---------------------------------------------------------------------- nnU-Net's summary.json
+def rewrite_summary_partial_aware(summary_file: str, annotations: PartialAnnotations, file_ending: str) -> dict:
+    """Recompute the means of an nnU-Net ``summary.json`` over annotated (case, label) pairs only.
+
+    The stock file is kept beside it as ``summary_all_labels_everywhere.json``; per-case entries
+    gain ``"annotated": true/false`` for each label.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json, save_summary_json
+
+    summary = load_summary_json(summary_file)
+    save_summary_json(summary, summary_file.replace(".json", "_all_labels_everywhere.json"))
+    per_label: dict = {}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["reference_file"])[: -len(file_ending)]
+        annotated = annotations.annotated.get(case, annotations.all_labels)
+        for label, metrics in entry["metrics"].items():
+            metrics["annotated"] = label in annotated
+            if metrics["annotated"]:
+                per_label.setdefault(label, []).append(metrics)
+    means = {}
+    for label in summary["mean"]:
+        rows = per_label.get(label, [])
+        keys = [k for k in summary["mean"][label]]
+        means[label] = {k: nanmean(r[k] for r in rows) for k in keys}
+        means[label]["n_cases_annotated"] = len(rows)
+    summary["mean"] = means
+    fg = [m for lbl, m in means.items() if lbl != 0]
+    summary["foreground_mean"] = {k: nanmean(m[k] for m in fg) for k in fg[0]} if fg else {}
+    summary["partial_aware"] = True
+    save_summary_json(summary, summary_file)
+    return summary
+
+
+# ---------------------------------------------------------------------- folder evaluation
+def _case_metrics(pred_file: str, ref_file: str, labels: Mapping[str, int]) -> dict:
+    import SimpleITK as sitk
+    from medpy.metric.binary import hd95
+
+    ref_img, pred_img = sitk.ReadImage(ref_file), sitk.ReadImage(pred_file)
+    if ref_img.GetSize() != pred_img.GetSize():
+        raise ValueError(f"{pred_file}: size {pred_img.GetSize()} differs from reference {ref_img.GetSize()} "
+                         f"({ref_file})")
+    ref, pred = sitk.GetArrayViewFromImage(ref_img), sitk.GetArrayViewFromImage(pred_img)
+    spacing = tuple(reversed(ref_img.GetSpacing()))  # numpy (z, y, x) order
+    out = {}
+    for name, value in labels.items():
+        r, p = ref == value, pred == value
+        tp = int(np.count_nonzero(r & p))
+        fp, fn = int(np.count_nonzero(p)) - tp, int(np.count_nonzero(r)) - tp
+        dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
+        hd = float(hd95(p, r, voxelspacing=spacing)) if p.any() and r.any() else float("nan")
+        out[name] = {"Dice": dice, "HD95": hd, "n_ref": tp + fn, "n_pred": tp + fp}
+    return out
+
+
+def evaluate_folders(pred_folder: str, ref_folder: str, labels: Mapping[str, int], file_ending: str = ".nii.gz",
+                     annotations: Optional[PartialAnnotations] = None, num_processes: int = 2) -> dict:
+    """Score every reference case that has a prediction of the same file name.
+
+    Returns ``{"per_case": {case: {label: {Dice, HD95, n_ref, n_pred, annotated}}},
+    "mean": {label: {Dice, HD95, n_cases}}, "foreground_mean": {Dice, HD95}, "missing_predictions": [...]}``.
+    """
+    labels = {k: int(v) for k, v in labels.items() if int(v) != 0}
+    refs = sorted(f for f in os.listdir(ref_folder) if f.endswith(file_ending))
+    if not refs:
+        raise FileNotFoundError(f"no reference files ending in {file_ending} in {ref_folder}")
+    present = [f for f in refs if os.path.isfile(os.path.join(pred_folder, f))]
+    missing = [f for f in refs if f not in present]
+    if not present:
+        raise FileNotFoundError(f"none of the {len(refs)} reference files of {ref_folder} has a prediction in "
+                                f"{pred_folder} (same file name expected, e.g. {refs[0]})")
+    cases = [f[: -len(file_ending)] for f in present]
+    jobs = [(os.path.join(pred_folder, f), os.path.join(ref_folder, f), labels) for f in present]
+    if num_processes > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(num_processes) as pool:
+            results = list(pool.map(_case_metrics, *zip(*jobs)))
+    else:
+        results = [_case_metrics(*j) for j in jobs]
+
+    per_case = {}
+    for case, metrics in zip(cases, results):
+        annotated = annotations.annotated.get(case) if annotations is not None else None
+        for name, m in metrics.items():
+            m["annotated"] = annotated is None or labels[name] in annotated
+        per_case[case] = metrics
+    mean = {}
+    for name in labels:
+        rows = [per_case[c][name] for c in cases if per_case[c][name]["annotated"]]
+        mean[name] = {"Dice": nanmean(r["Dice"] for r in rows), "HD95": nanmean(r["HD95"] for r in rows),
+                      "n_cases": len(rows)}
+    fg = {k: nanmean(m[k] for m in mean.values()) for k in ("Dice", "HD95")}
+    return {"per_case": per_case, "mean": mean, "foreground_mean": fg,
+            "missing_predictions": missing, "partial_aware": annotations is not None}
+
+
+def format_table(results: Mapping[str, dict], labels: list[str], metric: str = "Dice", digits: int = 3) -> str:
+    """A plain-text table: one row per model/result, one column per label plus the mean."""
+    name_w = max([len("model")] + [len(n) for n in results])
+    cols = labels + ["mean"]
+    widths = [max(len(c), digits + 3) for c in cols]
+    lines = [f"{'model':<{name_w}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
+    lines.append("-" * len(lines[0]))
+    for model, res in results.items():
+        values = [res["mean"][lbl][metric] for lbl in labels] + [res["foreground_mean"][metric]]
+        cells = [("n/a" if v is None or np.isnan(v) else f"{v:.{digits}f}") for v in values]
+        lines.append(f"{model:<{name_w}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+    return "\n".join(lines)
+
+
+def save_results(results: dict, path: str) -> None:
+    def fix(o):
+        if isinstance(o, float) and np.isnan(o):
+            return None
+        if isinstance(o, dict):
+            return {k: fix(v) for k, v in o.items()}
+        if isinstance(o, list):
+            return [fix(v) for v in o]
+        return o
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(fix(results), f, indent=2)

@@ -1,0 +1,30 @@
+"""All nnunet-partial trainers and their short-schedule variants.
+
+To add a trainer: import it here and append it to ``BASE_TRAINERS``; its schedule variants and
+the ``nnUNet_extTrainer`` module pick it up from there.
+"""
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_partial.trainers import schedules as _schedules
+from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+
+BASE_TRAINERS = [
+    nnUNetTrainerPartial,
+]
+
+# name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short
+# schedules too (the naive baseline at the same budget); its `_Nepochs` variants ship with nnU-Net.
+TRAINERS = {cls.__name__: cls for cls in BASE_TRAINERS}
+for _base in [nnUNetTrainer] + BASE_TRAINERS:
+    TRAINERS.update(_schedules.schedule_variants(_base, include_epoch_variants=_base is not nnUNetTrainer))
+for _name, _cls in TRAINERS.items():
+    if _cls.__module__ == _schedules.__name__:
+        setattr(_schedules, _name, _cls)  # the stable, picklable home of generated variants
+TRAINER_NAMES = sorted(TRAINERS)
+
+
+def get_trainer(name: str) -> type:
+    try:
+        return TRAINERS[name]
+    except KeyError:
+        raise KeyError(f"no nnunet-partial trainer named {name!r}; known: {TRAINER_NAMES}") from None

@@ -1,0 +1,123 @@
+"""Machinery shared by every nnunet-partial trainer: unwrapping compiled/DDP networks, the EMA
+twin, the sigmoid ramp-up, extra log keys, and the optimiser step of nnU-Net's ``train_step``.
+
+One concept, one place: CoWAM, Mean Teacher and later trainers import these instead of
+re-implementing them.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.utilities.helpers import dummy_context
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    if isinstance(network, DDP):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+def sigmoid_rampup(step: float, length: float) -> float:
+    """``exp(-5 (1 - t/T)^2)`` for t in [0, T], 1 afterwards (Laine & Aila; Mean Teacher code)."""
+    if length <= 0:
+        return 1.0
+    t = min(max(float(step), 0.0), float(length)) / float(length)
+    return float(math.exp(-5.0 * (1.0 - t) ** 2))
+
+
+class EMATwin:
+    """A frozen exponential moving average of a network (timm's ``ModelEmaV3`` does the maths).
+
+    ``E_t = a E_{t-1} + (1 - a) θ_t`` after every optimiser step. With ``warmup=True`` the decay
+    follows the Mean Teacher rule ``a_t = min(1 - 1/(t+1), a)`` (t = number of updates before
+    this one), which is ModelEmaV3's warm-up with gamma = power = 1.
+
+    The twin holds a deep copy of the *unwrapped* network: never compiled, never DDP-wrapped,
+    never given gradients. Every DDP rank updates it from identical, all-reduced student
+    weights, so the twins stay identical across ranks.
+    """
+
+    def __init__(self, network: nn.Module, decay: float, warmup: bool = False):
+        from timm.utils.model_ema import ModelEmaV3
+        self.ema = ModelEmaV3(unwrap(network), decay=decay, use_warmup=warmup, warmup_gamma=1.0,
+                              warmup_power=1.0)
+        for p in self.ema.module.parameters():
+            p.requires_grad_(False)
+        self.warmup = warmup
+        self.num_updates = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ema.module
+
+    def decay_for_next_update(self) -> float:
+        return self.ema.get_decay(self.num_updates + 1) if self.warmup else self.ema.decay
+
+    @torch.no_grad()
+    def update(self, network: nn.Module) -> None:
+        step = self.num_updates + 1 if self.warmup else None
+        self.ema.update(unwrap(network), step=step)
+        self.num_updates += 1
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor):
+        return self.ema.module(x)
+
+    def state_dict(self) -> dict:
+        return {"weights": self.ema.module.state_dict(), "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema.module.load_state_dict(state["weights"])
+        self.num_updates = int(state["num_updates"])
+
+
+def autocast_context(device: torch.device):
+    """nnU-Net's rule: autocast on CUDA only (on CPU it is slow, on MPS it complains)."""
+    return torch.autocast(device.type, enabled=True) if device.type == "cuda" else dummy_context()
+
+
+def batch_to_device(batch: dict, device: torch.device):
+    data = batch["data"].to(device, non_blocking=True)
+    target = batch["target"]
+    if isinstance(target, list):
+        target = [t.to(device, non_blocking=True) for t in target]
+    else:
+        target = target.to(device, non_blocking=True)
+    return data, target
+
+
+def backward_and_step(loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
+                      optimizer: torch.optim.Optimizer, grad_scaler: Optional[torch.amp.GradScaler],
+                      max_grad_norm: float = 12.0) -> None:
+    """nnU-Net's optimiser step: (scaled) backward, unscale, clip the grad norm to 12, step.
+
+    Every loss term must be part of ``loss``: anything added after ``optimizer.step()`` would
+    train nothing.
+    """
+    parameters = list(parameters)
+    if grad_scaler is not None:
+        grad_scaler.scale(loss).backward()
+        grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        grad_scaler.step(optimizer)
+        grad_scaler.update()
+    else:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+        optimizer.step()
+
+
+def register_log_keys(logger, keys: Iterable[str]) -> None:
+    """Let nnU-Net's LocalLogger accept extra per-epoch values (it asserts on unknown keys)."""
+    store = logger.local_logger.my_fantastic_logging
+    for k in keys:
+        store.setdefault(k, [])
