@@ -339,17 +339,23 @@ def reorient(img: sitk.Image, orientation: Optional[str]) -> sitk.Image:
     return sitk.DICOMOrient(img, orientation)
 
 
-def content_hash(images: Sequence[sitk.Image]) -> str:
-    """Hash of the voxel content of a case's channels, independent of file format, pixel type (values are
-    hashed as float32), axis storage order (hashed in LPS order) and of origin/spacing. Two sources shipping
-    the same scan (MSD Task03 Liver = LiTS) get the same hash."""
+def _hash_arrays(arrays) -> str:
     h = hashlib.blake2b(digest_size=16)
-    for img in images:
-        arr = sitk.GetArrayViewFromImage(reorient(img, "LPS"))
+    for arr in arrays:
         h.update(repr(arr.shape).encode())
         for s in _chunks(arr.shape[0]):
             h.update(np.ascontiguousarray(arr[s], dtype="<f4").tobytes())
     return h.hexdigest()
+
+
+def content_hashes(images: Sequence[sitk.Image]) -> tuple[str, str]:
+    """Two hashes of the voxel content of a case's channels, both independent of file format, pixel type
+    (values hashed as float32), origin and spacing: one in storage order (the same voxel array saved with
+    another header) and one in LPS order (the same scan re-stored with permuted / flipped axes, header
+    consistent). Two sources shipping the same scan (MSD Task03 Liver = LiTS) share at least one of them."""
+    raw = _hash_arrays(sitk.GetArrayViewFromImage(img) for img in images)
+    lps = _hash_arrays(sitk.GetArrayViewFromImage(reorient(img, "LPS")) for img in images)
+    return raw, lps
 
 
 def write_image(img: sitk.Image, path: str) -> None:
@@ -386,8 +392,11 @@ class AtomicDataset:
                                   "refusing to overwrite it (pass --overwrite to replace it)")
 
     def __enter__(self) -> str:
-        os.makedirs(self.root, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".tmp_{self.name}_", dir=self.root)
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix=f".tmp_{self.name}_", dir=self.root)
+        except OSError as e:
+            raise ConversionError(f"cannot write into the output folder {self.root}: {e}") from None
         if multiprocessing.current_process().name == "MainProcess":
             try:
                 self._old_sigterm = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)

@@ -36,7 +36,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from dataset_conversion.common import (AtomicDataset, ConversionError, DEFAULT_TOLERANCE, Geometry, check_geometry,
-                                       check_label_values, content_hash, dataset_folder_name, describe_folder, is_junk,
+                                       check_label_values, content_hashes, describe_folder, is_junk,
                                        label_image_like, present_values, progress_note, read_image, remap_labels,
                                        reorient, run_cases, write_dataset_json, write_image)
 from nnunet_partial.annotations import ANNOTATED_KEY, PROVENANCE_KEY, PartialAnnotations
@@ -349,9 +349,9 @@ def merge_case(job: dict) -> dict:
         label = sitk.Image(images[0].GetSize(), sitk.sitkUInt8)
         label.CopyInformation(images[0])
         present = []
+    digest = content_hashes(images)
     images = [reorient(img, job["orientation"]) for img in images]
     label = reorient(label, job["orientation"])
-    digest = content_hash(images)
     for img, out in zip(images, job["out_images"]):
         write_image(img, out)
     write_image(label, job["out_label"])
@@ -387,29 +387,31 @@ def merge(spec_path: str, root: Optional[str] = None, overwrite: bool = False, n
             j["out_label"] = os.path.join(tmp, "labelsTr", f"{j['case']}.nii.gz")
         results = run_cases(merge_case, jobs, num_processes, f"merge {target.name}")
 
-        # duplicate images (by voxel content)
+        # duplicate images (by voxel content, in storage order or in LPS order)
         first_of: dict[str, dict] = {}
-        dropped = []
-        n_dup = len(results) - len({r["hash"] for r in results})
+        dropped, kept = [], []
         for job, res in zip(jobs, results):
-            if res["hash"] in first_of:
-                first = first_of[res["hash"]]
-                if plan["duplicates"] == "error":
-                    raise ConversionError(
-                        f"duplicate image: case '{job['name']}' has the same voxel content as case '{first['name']}' "
-                        f"(merged ids '{job['case']}' and '{first['case']}'). The same scan in two sources leaks test "
-                        "cases (e.g. MSD Task03 Liver is LiTS). Remove one source, or set 'duplicates: drop' "
-                        f"(--duplicates drop) to keep only the first copy ({n_dup} duplicate image(s) in all)")
-                dropped.append((job, first))
-                for p in job["out_images"] + [job["out_label"]]:
-                    os.remove(p)
+            first = next((first_of[h] for h in res["hash"] if h in first_of), None)
+            if first is None:
+                for h in res["hash"]:
+                    first_of[h] = job
+                kept.append((job, res))
             else:
-                first_of[res["hash"]] = job
+                dropped.append((job, first))
+        if dropped and plan["duplicates"] == "error":
+            job, first = dropped[0]
+            raise ConversionError(
+                f"duplicate image: case '{job['name']}' has the same voxel content as case '{first['name']}' "
+                f"(merged ids '{job['case']}' and '{first['case']}'). The same scan in two sources leaks test "
+                "cases (e.g. MSD Task03 Liver is LiTS). Remove one source, or set 'duplicates: drop' "
+                f"(--duplicates drop) to keep only the first copy ({len(dropped)} duplicate image(s) in all)")
+        for job, first in dropped:
+            for p in job["out_images"] + [job["out_label"]]:
+                os.remove(p)
         if dropped:
             shown = "; ".join(f"'{j['name']}' (= '{f['name']}')" for j, f in dropped[:5])
             progress_note(f"merge: warning: dropped {len(dropped)} duplicate image(s), keeping the first copy: {shown}"
                           + (" ..." if len(dropped) > 5 else ""))
-        kept = [(j, r) for j, r in zip(jobs, results) if r["hash"] in first_of and first_of[r["hash"]] is j]
         annotated = OrderedDict((j["case"], list(j["annotated"])) for j, _ in kept)
         provenance = OrderedDict((j["case"], j["provenance"]) for j, _ in kept)
         labels = {"background": 0, **{t: i + 1 for i, t in enumerate(targets)}}
@@ -422,7 +424,7 @@ def merge(spec_path: str, root: Optional[str] = None, overwrite: bool = False, n
             spec.get("description", "partial-label dataset merged by nnunet-partial from: " +
                      ", ".join(p["name"] for p in plan["plans"])),
             **{ANNOTATED_KEY: annotated, PROVENANCE_KEY: provenance,
-               "merge_spec": {k: v for k, v in spec.items()}, "orientation": plan["orientation"]})
+               "merge_spec": json.loads(json.dumps(spec, default=str)), "orientation": plan["orientation"]})
     n_unl = sum(1 for a in annotated.values() if not a)
     print(f"merged {len(kept)} case(s) ({n_unl} unlabelled, {len(dropped)} duplicate(s) dropped) into {target.final}")
     for t in targets:

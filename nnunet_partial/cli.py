@@ -10,6 +10,7 @@ COMMAND_MODULES = (
     "nnunet_partial.commands.env",
     "nnunet_partial.commands.check",
     "nnunet_partial.commands.evaluate",
+    "nnunet_partial.commands.demo",
     "dataset_conversion.cli",
 )
 

@@ -50,6 +50,7 @@ def load_trainer(trainer_cls, dataset_name: str, configuration: str = "3d_fullre
 
     folder = join(str(nnUNet_preprocessed), dataset_name)
     plans = load_json(join(folder, "nnUNetPlans.json"))
+    plans["continue_training"] = False  # nnUNetv2_train puts this flag into the plans (nnU-Net 2.8)
     dataset_json = load_json(join(folder, "dataset.json"))
     trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
                           device=torch.device("cpu"))

@@ -27,6 +27,11 @@ def _merged_mask(annotated: torch.Tensor) -> torch.Tensor:
     return merged
 
 
+def _full_precision(x: torch.Tensor) -> torch.Tensor:
+    """Autocast gives fp16/bf16 logits; softmax/log maths runs in at least fp32."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _expand(mask: torch.Tensor, ndim: int) -> torch.Tensor:
     return mask.reshape(*mask.shape, *([1] * (ndim - 2)))
 
@@ -37,7 +42,7 @@ def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.T
     Channel 0 holds ``log Σ_{k ∈ {0} ∪ not A_i} p_k``, annotated channels keep ``log p_k`` and
     unannotated channels are ``-inf`` (their mass now lives in channel 0).
     """
-    logp = torch.log_softmax(logits.float(), dim=1)
+    logp = torch.log_softmax(_full_precision(logits), dim=1)
     merged = _expand(_merged_mask(annotated), logits.ndim)
     neg_inf = torch.finfo(logp.dtype).min
     log_bg = torch.logsumexp(logp.masked_fill(~merged, neg_inf), dim=1, keepdim=True)
@@ -76,7 +81,7 @@ class MarginalDiceLoss(nn.Module):
         self.batch_dice, self.smooth, self.ddp = batch_dice, smooth, ddp
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
-        probs = torch.softmax(logits.float(), dim=1)[:, 1:]
+        probs = torch.softmax(_full_precision(logits), dim=1)[:, 1:]
         axes = tuple(range(2, logits.ndim))
         with torch.no_grad():
             onehot = torch.zeros_like(probs, dtype=torch.bool)

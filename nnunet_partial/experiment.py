@@ -1,0 +1,96 @@
+"""Run nnU-Net's real command line on synthetic data: the engine of ``nnunet-partial demo`` and of
+the benchmarks in ``scripts/``.
+
+Every step is a stock nnU-Net command (``nnUNetv2_plan_and_preprocess``, ``nnUNetv2_train``,
+``nnUNetv2_predict``) run as a subprocess with its full output in a log file, so what the demo
+does is exactly what a user types.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from nnunet_partial.commands.env import ext_trainer_value
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass
+class Workspace:
+    """A self-contained nnU-Net environment (raw / preprocessed / results) under one folder."""
+
+    root: str
+    echo: Callable[[str], None] = print
+    env: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.root = os.path.abspath(self.root)
+        self.raw = os.path.join(self.root, "nnUNet_raw")
+        self.preprocessed = os.path.join(self.root, "nnUNet_preprocessed")
+        self.results = os.path.join(self.root, "nnUNet_results")
+        self.logs = os.path.join(self.root, "logs")
+        for d in (self.raw, self.preprocessed, self.results, self.logs):
+            os.makedirs(d, exist_ok=True)
+        self.env = {**os.environ, "nnUNet_raw": self.raw, "nnUNet_preprocessed": self.preprocessed,
+                    "nnUNet_results": self.results, "nnUNet_extTrainer": ext_trainer_value(),
+                    "nnUNet_compile": os.environ.get("nnUNet_compile", "false"), **self.env}
+        self.env.setdefault("nnUNet_n_proc_DA", "1")
+
+    # -------------------------------------------------------------- running commands
+    def run(self, cmd: Sequence[str], log_name: str, env_overrides: Optional[dict] = None,
+            show: Callable[[str], bool] = lambda line: False) -> float:
+        """Run ``cmd``, log all output to ``logs/<log_name>.log``; echo lines for which ``show`` is true.
+
+        Returns the wall time. On failure raises RuntimeError with the log's tail.
+        """
+        log_path = os.path.join(self.logs, f"{log_name}.log")
+        env = {**self.env, **(env_overrides or {})}
+        t0 = time.time()
+        with open(log_path, "w") as log:
+            log.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+            log.flush()
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    bufsize=1)
+            for line in proc.stdout:
+                log.write(line)
+                if show(line):
+                    self.echo("    " + line.rstrip())
+            rc = proc.wait()
+        if rc != 0:
+            with open(log_path) as f:
+                tail = "".join(f.readlines()[-40:])
+            raise RuntimeError(f"'{' '.join(cmd)}' failed with exit code {rc}. Full log: {log_path}\n{tail}")
+        return time.time() - t0
+
+    def plan_and_preprocess(self, dataset_id: int, configurations: Sequence[str], num_processes: int = 2) -> float:
+        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA); 0 would crash it
+        return self.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations,
+                         "-np", str(num_processes)], f"plan_{dataset_id}",
+                        env_overrides={"nnUNet_n_proc_DA": str(max(1, int(self.env["nnUNet_n_proc_DA"])))})
+
+    def train(self, dataset_id: int, configuration: str, trainer: str, fold="0", device: Optional[str] = None,
+              extra: Sequence[str] = ()) -> float:
+        device = device or default_device()
+        return self.run(["nnUNetv2_train", str(dataset_id), configuration, str(fold), "-tr", trainer,
+                         "-device", device, *extra], f"train_{dataset_id}_{trainer}_{configuration}_{fold}",
+                        show=_is_epoch_summary)
+
+    def predict(self, dataset_id: int, configuration: str, trainer: str, images: str, output: str,
+                fold="0", device: Optional[str] = None, extra: Sequence[str] = ()) -> float:
+        device = device or default_device()
+        return self.run(["nnUNetv2_predict", "-i", images, "-o", output, "-d", str(dataset_id),
+                         "-c", configuration, "-f", str(fold), "-tr", trainer, "-device", device,
+                         "-npp", "1", "-nps", "1", *extra],
+                        f"predict_{dataset_id}_{trainer}_{configuration}")
+
+
+def _is_epoch_summary(line: str) -> bool:
+    return any(k in line for k in ("Epoch time", "Pseudo dice", "Mean Validation Dice", "Partial-aware mean"))
