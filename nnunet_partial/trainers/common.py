@@ -48,8 +48,11 @@ class EMATwin:
 
     def __init__(self, network: nn.Module, decay: float, warmup: bool = False):
         from timm.utils.model_ema import ModelEmaV3
+        # exclude_buffers: timm's default path lerps every state_dict entry, and nnU-Net's networks list
+        # one tensor several times there (decoder.encoder is the encoder), so shared weights would decay
+        # with a^k. The parameters() path updates each tensor once and copies buffers.
         self.ema = ModelEmaV3(unwrap(network), decay=decay, use_warmup=warmup, warmup_gamma=1.0,
-                              warmup_power=1.0)
+                              warmup_power=1.0, exclude_buffers=True)
         for p in self.ema.module.parameters():
             p.requires_grad_(False)
         self.warmup = warmup
