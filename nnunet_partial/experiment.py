@@ -92,5 +92,24 @@ class Workspace:
                         f"predict_{dataset_id}_{trainer}_{configuration}")
 
 
+def load_trainer(trainer_cls, dataset_name: str, configuration: str = "3d_fullres", fold=0,
+                 device: str = "cpu", initialize: bool = True, plans_identifier: str = "nnUNetPlans"):
+    """Construct a trainer as ``nnUNetv2_train`` does (plans + dataset.json from nnUNet_preprocessed).
+
+    For step-level tests and speed benchmarks that drive ``train_step`` directly.
+    """
+    from batchgenerators.utilities.file_and_folder_operations import join, load_json
+    from nnunetv2.paths import nnUNet_preprocessed
+
+    folder = join(str(nnUNet_preprocessed), dataset_name)
+    plans = load_json(join(folder, f"{plans_identifier}.json"))
+    plans["continue_training"] = False  # nnUNetv2_train puts this flag into the plans (nnU-Net 2.8)
+    trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold,
+                          dataset_json=load_json(join(folder, "dataset.json")), device=torch.device(device))
+    if initialize:
+        trainer.initialize()
+    return trainer
+
+
 def _is_epoch_summary(line: str) -> bool:
     return any(k in line for k in ("Epoch time", "Pseudo dice", "Mean Validation Dice", "Partial-aware mean"))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import torch
+from nnunet_partial.experiment import load_trainer  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "totalseg_mr")
@@ -40,20 +40,3 @@ def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",), env: di
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 would crash it
     env["nnUNet_n_proc_DA"] = "1"
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2"], env=env)
-
-
-def load_trainer(trainer_cls, dataset_name: str, configuration: str = "3d_fullres", fold=0,
-                 initialize: bool = True):
-    """Construct a trainer exactly like nnUNetv2_train does (plans + dataset.json from nnUNet_preprocessed)."""
-    from batchgenerators.utilities.file_and_folder_operations import load_json, join
-    from nnunetv2.paths import nnUNet_preprocessed
-
-    folder = join(str(nnUNet_preprocessed), dataset_name)
-    plans = load_json(join(folder, "nnUNetPlans.json"))
-    plans["continue_training"] = False  # nnUNetv2_train puts this flag into the plans (nnU-Net 2.8)
-    dataset_json = load_json(join(folder, "dataset.json"))
-    trainer = trainer_cls(plans=plans, configuration=configuration, fold=fold, dataset_json=dataset_json,
-                          device=torch.device("cpu"))
-    if initialize:
-        trainer.initialize()
-    return trainer

@@ -21,7 +21,3 @@ def test_demo_runs_end_to_end(tmp_path, nnunet_env):
         res = json.load(open(os.path.join(workdir, "predictions", trainer, "evaluation.json")))
         assert set(res["mean"]) == {"liver", "kidney", "spleen", "pancreas"}
         assert all(v["Dice"] is None or 0.0 <= v["Dice"] <= 1.0 for v in res["mean"].values())
-    # a second run reuses data, plans and checkpoints
-    again = run([sys.executable, "-m", "nnunet_partial.cli", "demo", "-w", str(workdir), "--schedule", "tiny",
-                 "--cases-per-source", "2", "--n-test", "1", "--device", "cpu"], env=nnunet_env).stdout
-    assert again.count("already trained") == 2

@@ -7,9 +7,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.trainers import schedules as _schedules
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
+from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 
 BASE_TRAINERS = [
     nnUNetTrainerPartial,
+    nnUNetTrainerCoWAM,
+    nnUNetTrainerMeanTeacher,
 ]
 
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short

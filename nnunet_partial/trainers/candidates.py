@@ -92,7 +92,8 @@ class CandidateExportMixin:
                     out[f"{name}:{k}"] = v
         return out
 
-    def _all_ranks(self, value) -> list:
+    def all_ranks(self, value) -> list:
+        """``[value]``, or every DDP rank's value."""
         if not self.is_ddp:
             return [value]
         gathered = [None] * dist.get_world_size()
@@ -103,11 +104,11 @@ class CandidateExportMixin:
         collated = collate_outputs(val_outputs)
         per_class, losses = {}, {}
         for name in self.candidate_networks():
-            tp, fp, fn = (np.sum(self._all_ranks(np.sum(collated[f"{name}:{k}"], 0)), 0)
+            tp, fp, fn = (np.sum(self.all_ranks(np.sum(collated[f"{name}:{k}"], 0)), 0)
                           for k in ("tp_hard", "fp_hard", "fn_hard"))
             with np.errstate(divide="ignore", invalid="ignore"):
                 per_class[name] = [float(v) for v in 2 * tp / (2 * tp + fp + fn)]
-            losses[name] = float(np.mean(self._all_ranks(float(np.mean(collated[f"{name}:loss"])))))
+            losses[name] = float(np.mean(self.all_ranks(float(np.mean(collated[f"{name}:loss"])))))
             dice = _mean_finite(per_class[name])
             self.logger.log(f"pseudo_dice_{name}", dice, self.current_epoch)
             prev = self._candidate_dice_ema.get(name)

@@ -7,7 +7,7 @@ re-implementing them.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -98,25 +98,25 @@ def batch_to_device(batch: dict, device: torch.device):
     return data, target
 
 
-def backward_and_step(loss: torch.Tensor, parameters: Iterable[torch.nn.Parameter],
-                      optimizer: torch.optim.Optimizer, grad_scaler: Optional[torch.amp.GradScaler],
-                      max_grad_norm: float = 12.0) -> None:
-    """nnU-Net's optimiser step: (scaled) backward, unscale, clip the grad norm to 12, step.
+def backward_and_step(loss: torch.Tensor, steps: Sequence[Tuple[nn.Module, torch.optim.Optimizer]],
+                      grad_scaler: Optional[torch.amp.GradScaler], max_grad_norm: float = 12.0) -> None:
+    """nnU-Net's optimiser step for one or several (network, optimiser) pairs.
 
-    Every loss term must be part of ``loss``: anything added after ``optimizer.step()`` would
-    train nothing.
+    One (scaled) backward of ``loss``; per pair unscale, clip the grad norm to 12 and step; one
+    scaler update at the end (PyTorch's AMP recipe for several optimisers). Every loss term must be
+    part of ``loss``: anything added after ``optimizer.step()`` would train nothing.
     """
-    parameters = list(parameters)
+    (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+    for network, optimizer in steps:
+        if grad_scaler is not None:
+            grad_scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(network.parameters(), max_grad_norm)
+        if grad_scaler is not None:
+            grad_scaler.step(optimizer)
+        else:
+            optimizer.step()
     if grad_scaler is not None:
-        grad_scaler.scale(loss).backward()
-        grad_scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        grad_scaler.step(optimizer)
         grad_scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-        optimizer.step()
 
 
 def register_log_keys(logger, keys: Iterable[str]) -> None:

@@ -83,7 +83,7 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         with autocast_context(self.device):
             output = self.network(data)
             loss = self.supervised_loss(output, target, annotated)
-        backward_and_step(loss, self.network.parameters(), self.optimizer, self.grad_scaler)
+        backward_and_step(loss, [(self.network, self.optimizer)], self.grad_scaler)
         return {"loss": loss.detach().cpu().numpy()}
 
     def validation_step(self, batch: dict) -> dict:

@@ -18,7 +18,7 @@ import torch
 SHORT_SCHEDULES = {
     "tiny": (2, 4, 2),
     "demo": (12, 25, 5),
-    "bench": (20, 50, 10),
+    "bench": (10, 50, 10),
 }
 EPOCH_VARIANTS = (1, 5, 10, 20, 50, 100, 250, 500)
 

@@ -1,0 +1,218 @@
+"""``nnUNetTrainerCoWAM``: co-training weight-averaged models (METHODS §1; Huang et al., MICCAI 2020).
+
+Two students built by nnU-Net's own ``build_network_architecture`` from different seeds, each
+with its own optimiser, poly schedule and EMA twin (timm ``ModelEmaV3`` via :class:`EMATwin`,
+updated after every optimiser step, never DDP-wrapped, never given gradients). Per batch both
+students and both twins see the same augmented patch; each student gets
+
+- the hard loss ``λ_focal·focal + λ_dice·Dice`` on what is known (marginal for labels the case does
+  not annotate), with nnU-Net's deep-supervision weights;
+- the soft loss against the **other** network's twin inside ``T`` = stored background (every
+  unannotated organ lives there), weighted ``λ_soft·sigmoid_rampup(step)``, at every
+  deep-supervision output with the same weights as the hard loss.
+
+One backward of the total over both students, then both optimisers step. The twins are the
+candidates of :class:`CandidateExportMixin`: both are validated each epoch, the better one is
+exported as ``network_weights`` (what ``nnUNetv2_predict`` loads) and runs the final validation.
+The hard losses use only the manual labels (the paper's "w/o pseudo labels" variant, METHODS §1).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, List
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.utilities.collate_outputs import collate_outputs
+
+from nnunet_partial.losses.cowam import (CoWAMHardLoss, RegionSoftLoss, focal_class_weights,
+                                         load_or_count_label_voxels, mean_class_sizes)
+from nnunet_partial.trainers.candidates import CandidateExportMixin
+from nnunet_partial.trainers.common import (EMATwin, autocast_context, backward_and_step, batch_to_device,
+                                            sigmoid_rampup, unwrap)
+from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+
+
+class nnUNetTrainerCoWAM(CandidateExportMixin, nnUNetTrainerPartial):
+    # ---- paper defaults (Huang et al. 2020, §3.3); override in a subclass
+    ema_decay: float = 0.999
+    # Mean Teacher warm-up of the decay, min(1 - 1/(t+1), ema_decay): from step 1000 on the decay is
+    # the paper's constant 0.999; without it a twin keeps 0.999^t of its random initialisation
+    # (22 % after 1500 steps), which ruins short schedules. False = the paper's constant decay.
+    ema_warmup: bool = True
+    lambda_focal: float = 1.0
+    lambda_dice: float = 0.1
+    lambda_soft: float = 0.1
+    focal_gamma: float = 2.0
+    # ramp-up of the soft loss over this fraction of all training iterations (num_epochs x
+    # iterations per epoch): the paper ramps over the first of its 10 epochs, ~2 of 10 here
+    rampup_fraction: float = 0.2
+    student_seeds: tuple = (12345, 67890)   # torch seeds of the two students' initialisations
+    # True: the soft loss at every deep-supervision output, weighted like the hard loss;
+    # False: at full resolution only
+    soft_loss_deep_supervision: bool = True
+
+    extra_plot_groups = {
+        "CoWAM train losses (both students; soft before weighting)": ["cowam_hard_loss", "cowam_soft_loss"],
+        "soft-loss ramp-up (lambda_rampup, 0..1)": ["cowam_rampup"],
+    }
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        if len(self.student_seeds) != 2 or self.student_seeds[0] == self.student_seeds[1]:
+            raise ValueError(f"{self.__class__.__name__}.student_seeds must be two different seeds, got "
+                             f"{self.student_seeds!r}: identical students would teach each other nothing new")
+        # student 1 is nnU-Net's self.network, built inside nnU-Net's initialize: give it its seed there
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.student_seeds[0])
+            super().initialize()
+
+    def build_extra_networks(self) -> None:
+        self.network2 = self._build_second_student()
+        # built after the DDP wrap (which broadcasts rank 0's weights), so every rank's twin starts equal
+        self.ema1 = EMATwin(self.network, self.ema_decay, warmup=self.ema_warmup)
+        self.ema2 = EMATwin(self.network2, self.ema_decay, warmup=self.ema_warmup)
+
+    def _build_second_student(self) -> nn.Module:
+        """Student 2 exactly as nnUNetTrainer.initialize builds self.network, from its own seed."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.student_seeds[1])
+            network = self.build_network_architecture(
+                self.plans_manager, self.configuration_manager, self.num_input_channels,
+                self.label_manager.num_segmentation_heads, self.enable_deep_supervision).to(self.device)
+        if self._do_i_compile():
+            network = torch.compile(network)
+        # its own optimiser + lr schedule from the trainer's (possibly user-overridden)
+        # configure_optimizers, which reads self.network
+        network1, self.network = self.network, network
+        try:
+            self.optimizer2, self.lr_scheduler2 = self.configure_optimizers()
+        finally:
+            self.network = network1
+        if self.is_ddp:
+            network = self._ddp_wrap(network)
+        return network
+
+    def _ddp_wrap(self, network: nn.Module) -> nn.Module:
+        network = torch.nn.SyncBatchNorm.convert_sync_batchnorm(network)
+        # nnU-Net's device_ids on GPU; a CPU (gloo) process group needs None
+        return DDP(network, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
+
+    def _build_loss(self):
+        if self.label_manager.has_regions or self.label_manager.ignore_label is not None:
+            raise RuntimeError(f"{self.__class__.__name__} needs plain integer labels: region-based labels and "
+                               "the ignore label are not supported by its focal/soft losses.")
+        # the parent's loss only lends us nnU-Net's deep-supervision weights (DDP-adjusted)
+        stock = super()._build_loss()
+        hard = CoWAMHardLoss(self.compute_focal_class_weights(), gamma=self.focal_gamma,
+                             weight_focal=self.lambda_focal, weight_dice=self.lambda_dice,
+                             batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
+        self.soft_loss = RegionSoftLoss()
+        if isinstance(stock, DeepSupervisionWrapper):
+            weights = stock.weight_factors
+            hard = DeepSupervisionWrapper(hard, weights)
+            soft_weights = weights if self.soft_loss_deep_supervision else (1.0,) + (0.0,) * (len(weights) - 1)
+            self.soft_loss = DeepSupervisionWrapper(self.soft_loss, soft_weights)
+        return hard
+
+    def compute_focal_class_weights(self) -> np.ndarray:
+        """α_c ∝ 1/mean size of class c over this fold's training cases (annotated ones per organ)."""
+        num_classes = self.label_manager.num_segmentation_heads
+        # one cache per configuration, beside (not inside) its preprocessed data folder
+        cache = os.path.join(self.preprocessed_dataset_folder_base,
+                             f"cowam_label_voxel_counts_{self.configuration_manager.data_identifier}.json")
+        counts = load_or_count_label_voxels(self.preprocessed_dataset_folder, num_classes, cache)
+        train_cases, _ = self.do_split()
+        annotated = None if self.annotations is None else self.annotations.annotated
+        weights = focal_class_weights(mean_class_sizes(counts, train_cases, annotated))
+        self.print_to_log_file("CoWAM focal class weights (background, labels 1..K):",
+                               np.round(weights, 4).tolist())
+        return weights
+
+    # ------------------------------------------------------------------ hooks of the mixin
+    def candidate_networks(self) -> Dict[str, nn.Module]:
+        return {"ema1": self.ema1.module, "ema2": self.ema2.module}
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"cowam_network2_weights": unwrap(self.network2).state_dict(),
+                "cowam_optimizer2_state": self.optimizer2.state_dict(),
+                "cowam_ema1": self.ema1.state_dict(),
+                "cowam_ema2": self.ema2.state_dict()}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        unwrap(self.network2).load_state_dict(state["cowam_network2_weights"])
+        self.optimizer2.load_state_dict(state["cowam_optimizer2_state"])
+        self.ema1.load_state_dict(state["cowam_ema1"])
+        self.ema2.load_state_dict(state["cowam_ema2"])
+
+    def set_deep_supervision_enabled(self, enabled: bool):
+        super().set_deep_supervision_enabled(enabled)
+        unwrap(self.network2).decoder.deep_supervision = enabled
+
+    # ------------------------------------------------------------------ schedule
+    def rampup_length(self) -> float:
+        """Ramp-up length in optimiser steps, from the current schedule (never fixed in __init__)."""
+        return self.rampup_fraction * self.num_epochs * self.num_iterations_per_epoch
+
+    def rampup_weight(self) -> float:
+        return sigmoid_rampup(self.global_step, self.rampup_length())
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.network2.train()
+        self.lr_scheduler2.step(self.current_epoch)
+
+    def on_validation_epoch_start(self):
+        super().on_validation_epoch_start()
+        self.network2.eval()
+
+    # ------------------------------------------------------------------ training
+    def cowam_losses(self, data: torch.Tensor, target, annotated: torch.Tensor) -> dict:
+        """Both students and both twins on the same batch; the loss terms of METHODS §1.
+
+        Returns ``loss`` (total, with graph), ``hard_loss`` (both students), ``soft1``/``soft2``
+        (each student against the other network's twin, unweighted) and ``rampup``.
+        """
+        with torch.no_grad():
+            twin1, twin2 = self.ema1(data), self.ema2(data)
+        out1, out2 = self.network(data), self.network2(data)
+        hard = self.supervised_loss(out1, target, annotated) + self.supervised_loss(out2, target, annotated)
+        # a network is never taught by its own past: student 1 <- twin 2, student 2 <- twin 1
+        soft1 = self.soft_loss(out1, twin2, target)
+        soft2 = self.soft_loss(out2, twin1, target)
+        rampup = self.rampup_weight()
+        total = hard + self.lambda_soft * rampup * (soft1 + soft2)
+        return {"loss": total, "hard_loss": hard, "soft1": soft1, "soft2": soft2, "rampup": rampup}
+
+    def train_step(self, batch: dict) -> dict:
+        data, target = batch_to_device(batch, self.device)
+        annotated = self.batch_annotated_mask(batch["keys"])
+        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer2.zero_grad(set_to_none=True)
+        with autocast_context(self.device):
+            losses = self.cowam_losses(data, target, annotated)
+        # one backward through both students, then nnU-Net's unscale / clip(12) / step per student
+        backward_and_step(losses["loss"], [(self.network, self.optimizer), (self.network2, self.optimizer2)],
+                          self.grad_scaler)
+        self.ema1.update(self.network)
+        self.ema2.update(self.network2)
+        self.global_step += 1
+        return {"loss": losses["loss"].detach().cpu().numpy(),
+                "hard_loss": losses["hard_loss"].detach().cpu().numpy(),
+                "soft_loss": (losses["soft1"] + losses["soft2"]).detach().cpu().numpy()}
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        collated = collate_outputs(train_outputs)
+        for key in ("hard_loss", "soft_loss"):
+            value = float(np.mean(self.all_ranks(float(np.mean(collated[key])))))
+            self.logger.log(f"cowam_{key}", value, self.current_epoch)
+        self.logger.log("cowam_rampup", self.rampup_weight(), self.current_epoch)
+        self.print_to_log_file(
+            f"CoWAM hard loss {self.logger.get_value('cowam_hard_loss', step=-1):.4f}, soft loss "
+            f"{self.logger.get_value('cowam_soft_loss', step=-1):.4f}, ramp-up {self.rampup_weight():.4f} "
+            f"(step {self.global_step})")

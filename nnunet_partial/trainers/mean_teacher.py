@@ -1,0 +1,177 @@
+"""``nnUNetTrainerMeanTeacher``: semi-supervised Mean Teacher (METHODS §3; Tarvainen & Valpola,
+NeurIPS 2017, as in the UA-MT / SSL4MIS code for 3D segmentation).
+
+- Batches: ``labeled_batch_size`` labelled cases + unlabelled cases (``annotated_labels: []``)
+  for the rest, drawn by :class:`~nnunet_partial.dataloading.TwoStreamDataLoader` inside nnU-Net's
+  own data pipeline (crops, foreground oversampling, augmentation unchanged).
+- Teacher: EMA of the student (``EMATwin``, α = 0.99, warm-up ``min(1 − 1/(t+1), α)``), updated
+  after every optimiser step; it sees the student's augmented crops plus
+  ``clamp(N(0,1)·0.1, −0.2, 0.2)``; it is never trained, compiled or DDP-wrapped.
+- Loss (one backward): nnU-Net's DC+CE — marginal for partially labelled cases — on the labelled
+  cases, plus ``w_max·sigmoid_rampup(step, T)·consistency`` between the softmax outputs of student
+  and teacher on the unlabelled cases (``consistency_on = "all"``: every case). Consistency uses the
+  full-resolution output only, as the reference (which has no deep supervision): the
+  lower-resolution heads stay supervised by nnU-Net's deep supervision on the labelled cases.
+- Ramp-up length ``T = consistency_rampup_fraction × num_epochs × num_iterations_per_epoch``: the
+  reference ramps up over 40 × 150 = 6000 iterations of its 6000, i.e. the whole run (fraction 1).
+- Student and teacher are validated every epoch; the better one is exported (CandidateExportMixin).
+
+Change a default with a two-line subclass::
+
+    class nnUNetTrainerMeanTeacherKL(nnUNetTrainerMeanTeacher):
+        consistency_type = "kl"
+"""
+from __future__ import annotations
+
+import math
+import sys
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from nnunet_partial.dataloading import TwoStreamDataLoader, split_labelled_unlabelled
+from nnunet_partial.losses.consistency import ConsistencyLoss
+from nnunet_partial.trainers.candidates import CandidateExportMixin
+from nnunet_partial.trainers.common import (EMATwin, autocast_context, backward_and_step, batch_to_device,
+                                            sigmoid_rampup)
+from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+
+LOG_KEYS = ("supervised_loss", "consistency_loss", "consistency_weight")
+
+
+def _full_resolution(output):
+    return output[0] if isinstance(output, (list, tuple)) else output
+
+
+def _select_cases(x, mask: torch.Tensor):
+    return [t[mask] for t in x] if isinstance(x, (list, tuple)) else x[mask]
+
+
+class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
+    labeled_batch_size: Optional[int] = None      # labelled cases per batch; None = ceil(batch_size / 2)
+    ema_decay: float = 0.99                       # α of the teacher (with the warm-up rule)
+    teacher_noise_std: float = 0.1                # teacher input noise: clamp(N(0,1)·std, ±clamp)
+    teacher_noise_clamp: float = 0.2
+    consistency_type: str = "mse"                 # "mse" (softmax MSE) or "kl"
+    consistency_on: str = "unlabelled"            # "unlabelled" or "all" cases of the batch
+    consistency_weight: float = 0.1               # w_max
+    consistency_rampup_fraction: float = 1.0      # ramp-up length / total optimiser steps (reference: 1)
+
+    extra_plot_groups = {"Mean Teacher loss terms (consistency unweighted)": ["supervised_loss", "consistency_loss"],
+                         "consistency weight": ["consistency_weight"]}
+
+    # ------------------------------------------------------------------ set-up
+    def build_extra_networks(self) -> None:
+        if self.consistency_on not in ("unlabelled", "all"):
+            raise ValueError(f"consistency_on must be 'unlabelled' or 'all', got {self.consistency_on!r}")
+        self.consistency_loss = ConsistencyLoss(self.consistency_type)
+        self.teacher = EMATwin(self.network, decay=self.ema_decay, warmup=True)
+        self.print_to_log_file(
+            f"Mean Teacher: {self.effective_labeled_batch_size()} labelled of {self.batch_size} cases per batch, "
+            f"EMA decay {self.ema_decay} (warm-up), {self.consistency_type} consistency on {self.consistency_on} "
+            f"cases, weight {self.consistency_weight} ramped up over {self.consistency_rampup_steps()} steps")
+
+    def candidate_networks(self):
+        return {"student": self.network, "teacher": self.teacher.module}
+
+    def extra_checkpoint_state(self) -> dict:
+        return {"teacher": self.teacher.state_dict()}
+
+    def load_extra_checkpoint_state(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["teacher"])
+
+    def effective_labeled_batch_size(self) -> int:
+        return self.labeled_batch_size if self.labeled_batch_size is not None else math.ceil(self.batch_size / 2)
+
+    def consistency_rampup_steps(self) -> int:
+        # from the schedule of this instance (the _tiny/_bench variants change it after __init__)
+        return int(round(self.consistency_rampup_fraction * self.num_epochs * self.num_iterations_per_epoch))
+
+    def current_consistency_weight(self) -> float:
+        return self.consistency_weight * sigmoid_rampup(self.global_step, self.consistency_rampup_steps())
+
+    # ------------------------------------------------------------------ data
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._two_stream_dataset = dataset_tr
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        # nnU-Net builds the training loader inside get_dataloaders (patch sizes, transforms) and starts
+        # the augmentation workers with it before returning; there is no hook for the loader class, and
+        # swapping the loader afterwards would mean restarting those workers. So nnU-Net's method runs
+        # unchanged while the module-level name it constructs loaders with resolves to a factory: our
+        # TwoStreamDataLoader for the training dataset, the stock loader for validation. Nothing of
+        # nnU-Net's pipeline is copied; the name is restored before returning.
+        module = sys.modules[nnUNetTrainer.__module__]
+        stock = module.nnUNetDataLoader
+
+        def make_loader(data, *args, **kwargs):
+            if data is not getattr(self, "_two_stream_dataset", None):
+                return stock(data, *args, **kwargs)
+            labelled, unlabelled = split_labelled_unlabelled(data.identifiers, self.annotations,
+                                                             type(self).__name__)
+            self.print_to_log_file(f"Two-stream sampling: {len(labelled)} labelled and {len(unlabelled)} "
+                                   f"unlabelled training cases, {self.effective_labeled_batch_size()} labelled "
+                                   f"per batch of {self.batch_size}")
+            return TwoStreamDataLoader(data, *args, labelled_keys=labelled, unlabelled_keys=unlabelled,
+                                       labeled_batch_size=self.effective_labeled_batch_size(), **kwargs)
+
+        module.nnUNetDataLoader = make_loader
+        try:
+            return super().get_dataloaders()
+        finally:
+            module.nnUNetDataLoader = stock
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, batch: dict) -> dict:
+        data, target = batch_to_device(batch, self.device)
+        annotated = self.batch_annotated_mask(batch["keys"])
+        labelled = annotated.any(1)  # an unlabelled case has no annotated column, not even background
+        counted = ~labelled if self.consistency_on == "unlabelled" else torch.ones_like(labelled)
+        weight = self.current_consistency_weight()
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast_context(self.device):
+            output = self.network(data)
+            supervised = self._supervised_part(output, target, annotated, labelled)
+            consistency = self._consistency_part(output, data, counted)
+            loss = supervised + weight * consistency
+        backward_and_step(loss, [(self.network, self.optimizer)], self.grad_scaler)
+        self.teacher.update(self.network)
+        self.global_step += 1
+        return {"loss": loss.detach().cpu().numpy(), "supervised_loss": supervised.item(),
+                "consistency_loss": consistency.item(), "consistency_weight": weight}
+
+    def _supervised_part(self, output, target, annotated: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+        # on the labelled cases only: unlabelled ones would add zero-loss voxels to the CE mean
+        if not labelled.any():
+            return _full_resolution(output).sum() * 0.0
+        if not labelled.all():
+            output, target, annotated = (_select_cases(output, labelled), _select_cases(target, labelled),
+                                         annotated[labelled])
+        return self.supervised_loss(output, target, annotated)
+
+    def _consistency_part(self, output, data: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
+        student = _full_resolution(output)
+        if not counted.any():
+            return student.sum() * 0.0
+        with torch.no_grad():
+            # the teacher runs only on the cases that count: same augmented crops, plus noise
+            x = data[counted]
+            noise = torch.clamp(torch.randn_like(x) * self.teacher_noise_std,
+                                -self.teacher_noise_clamp, self.teacher_noise_clamp)
+            teacher = _full_resolution(self.teacher(x + noise))
+        return self.consistency_loss(student[counted], teacher)
+
+    def on_train_epoch_end(self, train_outputs: List[dict]):
+        super().on_train_epoch_end(train_outputs)
+        means = {k: float(np.mean(self.all_ranks(float(np.mean([o[k] for o in train_outputs])))))
+                 for k in LOG_KEYS}
+        for k, v in means.items():
+            self.logger.log(k, v, self.current_epoch)
+        self.print_to_log_file(f"supervised loss {means['supervised_loss']:.4f}, consistency "
+                               f"{means['consistency_loss']:.3e} x weight {means['consistency_weight']:.4f}")

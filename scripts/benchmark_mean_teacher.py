@@ -1,0 +1,180 @@
+#!/usr/bin/env python
+"""Benchmark of nnUNetTrainerMeanTeacher: accuracy (few labelled + many unlabelled synthetic cases)
+and step time against stock nnUNetTrainer. Prints tables; writes nothing outside --workdir.
+
+Accuracy (--part accuracy): one synthetic image pool, three datasets built from it
+  - semi:       4 fully labelled + 16 unlabelled cases  -> nnUNetTrainerMeanTeacher<schedule>
+  - supervised: the same 4 labelled cases only          -> nnUNetTrainerPartial<schedule>
+  - oracle:     all 20 cases fully labelled             -> nnUNetTrainerPartial<schedule>
+each trained with the real ``nnUNetv2_train`` (every case in training; validation on two labelled
+cases), predicted with ``nnUNetv2_predict`` on a separate fully labelled test set and scored with
+``nnunet_partial.evaluation.evaluate_folders`` (Dice per organ).
+
+Speed (--part speed): stock nnUNetTrainer, nnUNetTrainerPartial and nnUNetTrainerMeanTeacher are
+built in one process on the semi dataset; each times ``train_step`` on the very same batches
+(drawn once from Mean Teacher's two-stream loader), interleaved so machine load hits all alike.
+
+    python scripts/benchmark_mean_teacher.py --part all --configuration 2d --schedule _demo
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="/tmp/nnunet_partial_bench_mean_teacher")
+    p.add_argument("--part", choices=("accuracy", "speed", "all"), default="all")
+    p.add_argument("--configuration", default="2d", help="accuracy runs (2d is ~10x faster than 3d_fullres on CPU)")
+    p.add_argument("--schedule", default="_demo", help="trainer suffix: _tiny, _demo (12x25), _bench (30x50), ...")
+    p.add_argument("--n-labelled", type=int, default=4)
+    p.add_argument("--n-unlabelled", type=int, default=16)
+    p.add_argument("--n-test", type=int, default=8)
+    p.add_argument("--speed-configurations", nargs="+", default=["3d_fullres", "2d"])
+    p.add_argument("--speed-steps", type=int, default=6)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=3)
+    return p.parse_args()
+
+
+def setup_env(workdir: str) -> dict:
+    # nnU-Net reads these at import time: set them before importing nnunetv2
+    for k in ("raw", "preprocessed", "results"):
+        os.makedirs(os.path.join(workdir, k), exist_ok=True)
+        os.environ[f"nnUNet_{k}"] = os.path.join(workdir, k)
+    from nnunet_partial.commands.env import ext_trainer_value
+    os.environ["nnUNet_extTrainer"] = ext_trainer_value("")
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    os.environ.setdefault("nnUNet_compile", "false")
+    return dict(os.environ)
+
+
+def run(cmd, env, log):
+    t0 = time.time()
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
+    return time.time() - t0
+
+
+DATASETS = {  # id: (name, n_full, n_unlabelled) as functions of the labelled / unlabelled counts
+    527: ("MTBenchSemi", lambda a: a.n_labelled, lambda a: a.n_unlabelled),
+    528: ("MTBenchSupervised", lambda a: a.n_labelled, lambda a: 0),
+    529: ("MTBenchOracle", lambda a: a.n_labelled + a.n_unlabelled, lambda a: 0),
+}
+
+
+def prepare(args, env, configurations):
+    """Write and preprocess the three datasets (same images: case i is phantom seed*100003+i in each)."""
+    from nnunet_partial.synthetic import write_partial_dataset
+    names = {}
+    for did, (name, n_full, n_unl) in DATASETS.items():
+        full_name = f"Dataset{did:03d}_{name}"
+        names[did] = full_name
+        pre = os.path.join(env["nnUNet_preprocessed"], full_name)
+        if not os.path.isdir(os.path.join(env["nnUNet_raw"], full_name)):
+            write_partial_dataset(env["nnUNet_raw"], did, name=name, sources={}, n_full=n_full(args),
+                                  n_unlabelled=n_unl(args), seed=args.seed)
+        missing = [c for c in configurations if not os.path.isdir(os.path.join(pre, f"nnUNetPlans_{c}"))]
+        if missing:
+            penv = dict(env, nnUNet_n_proc_DA="1")  # nnU-Net's planner crashes with 0
+            run(["nnUNetv2_plan_and_preprocess", "-d", str(did), "-c", *missing, "-np", "2"], penv,
+                os.path.join(args.workdir, f"preprocess_{did}.log"))
+        # every case trains; two labelled cases are watched during training (overlap is allowed)
+        cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(env["nnUNet_raw"], full_name, "labelsTr")))
+        labelled = [c for c in cases if not c.startswith("unlabelled")]
+        with open(os.path.join(pre, "splits_final.json"), "w") as f:
+            json.dump([{"train": cases, "val": labelled[:2]}], f)
+    return names
+
+
+# ---------------------------------------------------------------------- accuracy
+def accuracy(args, env, names):
+    from nnunet_partial.evaluation import evaluate_folders, format_table, save_results
+    from nnunet_partial.synthetic import LABELS, ORGANS, write_test_set
+
+    test_dir = os.path.join(args.workdir, "test")
+    if not os.path.isdir(os.path.join(test_dir, "labelsTs")):
+        write_test_set(test_dir, args.n_test)
+    runs = {
+        f"supervised only ({args.n_labelled} labelled)": (528, "nnUNetTrainerPartial"),
+        f"Mean Teacher ({args.n_labelled} + {args.n_unlabelled} unlabelled)": (527, "nnUNetTrainerMeanTeacher"),
+        f"oracle ({args.n_labelled + args.n_unlabelled} labelled)": (529, "nnUNetTrainerPartial"),
+    }
+    results, times = {}, {}
+    for label, (did, trainer) in runs.items():
+        tr = trainer + args.schedule
+        out = os.path.join(args.workdir, "pred", f"{did}_{tr}_{args.configuration}")
+        if not os.path.isdir(out):
+            times[label] = run(["nnUNetv2_train", str(did), args.configuration, "0", "-tr", tr, "-device", args.device],
+                               env, os.path.join(args.workdir, f"train_{did}_{tr}_{args.configuration}.log"))
+            run(["nnUNetv2_predict", "-i", os.path.join(test_dir, "imagesTs"), "-o", out, "-d", str(did),
+                 "-c", args.configuration, "-tr", tr, "-f", "0", "-device", args.device, "-npp", "1", "-nps", "1",
+                 "--disable_tta"], env, os.path.join(args.workdir, f"predict_{did}_{tr}.log"))
+        results[label] = evaluate_folders(out, os.path.join(test_dir, "labelsTs"), LABELS)
+        print(f"{label}: {tr} {args.configuration}" + (f", trained in {times[label] / 60:.1f} min" if label in times
+                                                      else " (cached)"), flush=True)
+    save_results(results, os.path.join(args.workdir, f"accuracy_{args.configuration}{args.schedule}.json"))
+    print(f"\nDice on {args.n_test} fully labelled synthetic test cases ({args.configuration}, "
+          f"schedule {args.schedule}, nnUNetv2_predict without TTA):")
+    print(format_table(results, list(ORGANS)))
+
+
+# ---------------------------------------------------------------------- speed
+def speed(args, names):
+    import numpy as np
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunet_partial.trainers import nnUNetTrainerMeanTeacher, nnUNetTrainerPartial
+    from nnunet_partial.experiment import load_trainer
+
+    rows = []
+    for configuration in args.speed_configurations:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        trainers = {name: load_trainer(cls, names[527], configuration, device=args.device) for name, cls in
+                    (("nnUNetTrainer", nnUNetTrainer), ("nnUNetTrainerPartial", nnUNetTrainerPartial),
+                     ("nnUNetTrainerMeanTeacher", nnUNetTrainerMeanTeacher))}
+        mt = trainers["nnUNetTrainerMeanTeacher"]
+        mt.global_step = mt.consistency_rampup_steps()  # steady state; the weight does not change the cost
+        dl, _ = mt.get_dataloaders()
+        batches = [next(dl) for _ in range(args.speed_steps + 1)]
+        times = {n: [] for n in trainers}
+        for i, batch in enumerate(batches):
+            for name, t in trainers.items():
+                t.network.train()
+                t0 = time.perf_counter()
+                t.train_step(batch)
+                if i > 0:  # the first step warms up allocators and caches
+                    times[name].append(time.perf_counter() - t0)
+        base = np.median(times["nnUNetTrainer"])
+        for name, ts in times.items():
+            rows.append((configuration, f"{mt.batch_size} ({mt.effective_labeled_batch_size()} labelled)",
+                         name, float(np.median(ts)), float(np.median(ts)) / base))
+    print(f"\nTrain step time, median of {args.speed_steps} identical batches per trainer (device {args.device}):")
+    header = f"{'configuration':<14}{'batch':<18}{'trainer':<28}{'s/step':>8}{'vs stock':>10}"
+    print(header + "\n" + "-" * len(header))
+    for c, b, n, s, r in rows:
+        print(f"{c:<14}{b:<18}{n:<28}{s:>8.3f}{r:>9.2f}x")
+
+
+def main():
+    args = parse_args()
+    env = setup_env(args.workdir)
+    configurations = sorted(set(([args.configuration] if args.part in ("accuracy", "all") else [])
+                                + (args.speed_configurations if args.part in ("speed", "all") else [])))
+    names = prepare(args, env, configurations)
+    if args.part in ("speed", "all"):
+        speed(args, names)
+    if args.part in ("accuracy", "all"):
+        accuracy(args, env, names)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
