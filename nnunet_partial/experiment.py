@@ -43,6 +43,7 @@ class Workspace:
                     "nnUNet_results": self.results, "nnUNet_extTrainer": ext_trainer_value(),
                     "nnUNet_compile": os.environ.get("nnUNet_compile", "false"), **self.env}
         self.env.setdefault("nnUNet_n_proc_DA", "1")
+        self.env["PYTHONUNBUFFERED"] = "1"  # nnU-Net's epoch lines reach the log (and the demo's echo) at once
 
     # -------------------------------------------------------------- running commands
     def run(self, cmd: Sequence[str], log_name: str, env_overrides: Optional[dict] = None,
