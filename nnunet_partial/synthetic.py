@@ -13,7 +13,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -150,13 +150,3 @@ def write_test_set(folder: str, n: int, shape: Sequence[int] = DEFAULT_SHAPE, se
         write_nifti(image, os.path.join(images, f"test_{i:03d}_0000.nii.gz"))
         write_nifti(label, os.path.join(labels, f"test_{i:03d}.nii.gz"))
     return images, labels
-
-
-def organ_volume_fractions(n: int = 8, shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0) -> Optional[dict]:
-    """Mean fraction of voxels per organ (a sanity figure for docs and tests)."""
-    counts = np.zeros(len(ORGANS) + 1)
-    for i in range(n):
-        _, label = make_phantom(seed + i, shape)
-        counts += np.bincount(label.ravel(), minlength=len(ORGANS) + 1)
-    counts /= counts.sum()
-    return {name: float(counts[v]) for name, v in LABELS.items() if v > 0}
