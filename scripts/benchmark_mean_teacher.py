@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -31,7 +30,7 @@ def parse_args():
     p.add_argument("--workdir", default="/tmp/nnunet_partial_bench_mean_teacher")
     p.add_argument("--part", choices=("accuracy", "speed", "all"), default="all")
     p.add_argument("--configuration", default="2d", help="accuracy runs (2d is ~10x faster than 3d_fullres on CPU)")
-    p.add_argument("--schedule", default="_demo", help="trainer suffix: _tiny, _demo (12x25), _bench (30x50), ...")
+    p.add_argument("--schedule", default="_demo", help="trainer suffix: _tiny, _demo (12x25), _bench (10x50), ...")
     p.add_argument("--n-labelled", type=int, default=4)
     p.add_argument("--n-unlabelled", type=int, default=16)
     p.add_argument("--n-test", type=int, default=8)
@@ -42,25 +41,14 @@ def parse_args():
     return p.parse_args()
 
 
-def setup_env(workdir: str) -> dict:
-    # nnU-Net reads these at import time: set them before importing nnunetv2
-    for k in ("raw", "preprocessed", "results"):
-        os.makedirs(os.path.join(workdir, k), exist_ok=True)
-        os.environ[f"nnUNet_{k}"] = os.path.join(workdir, k)
-    from nnunet_partial.commands.env import ext_trainer_value
-    os.environ["nnUNet_extTrainer"] = ext_trainer_value("")
+def open_workspace(workdir: str):
+    """The benchmark's nnU-Net folders; also exported to this process (nnU-Net reads them at import)."""
+    from nnunet_partial.experiment import Workspace
+    ws = Workspace(workdir)
+    os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                              "nnUNet_extTrainer", "nnUNet_compile")})
     os.environ.setdefault("nnUNet_n_proc_DA", "0")
-    os.environ.setdefault("nnUNet_compile", "false")
-    return dict(os.environ)
-
-
-def run(cmd, env, log):
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}; see {log}")
-    return time.time() - t0
+    return ws
 
 
 DATASETS = {  # id: (name, n_full, n_unlabelled) as functions of the labelled / unlabelled counts
@@ -70,24 +58,22 @@ DATASETS = {  # id: (name, n_full, n_unlabelled) as functions of the labelled / 
 }
 
 
-def prepare(args, env, configurations):
+def prepare(args, ws, configurations):
     """Write and preprocess the three datasets (same images: case i is phantom seed*100003+i in each)."""
     from nnunet_partial.synthetic import write_partial_dataset
     names = {}
     for did, (name, n_full, n_unl) in DATASETS.items():
         full_name = f"Dataset{did:03d}_{name}"
         names[did] = full_name
-        pre = os.path.join(env["nnUNet_preprocessed"], full_name)
-        if not os.path.isdir(os.path.join(env["nnUNet_raw"], full_name)):
-            write_partial_dataset(env["nnUNet_raw"], did, name=name, sources={}, n_full=n_full(args),
+        pre = os.path.join(ws.preprocessed, full_name)
+        if not os.path.isdir(os.path.join(ws.raw, full_name)):
+            write_partial_dataset(ws.raw, did, name=name, sources={}, n_full=n_full(args),
                                   n_unlabelled=n_unl(args), seed=args.seed)
         missing = [c for c in configurations if not os.path.isdir(os.path.join(pre, f"nnUNetPlans_{c}"))]
         if missing:
-            penv = dict(env, nnUNet_n_proc_DA="1")  # nnU-Net's planner crashes with 0
-            run(["nnUNetv2_plan_and_preprocess", "-d", str(did), "-c", *missing, "-np", "2"], penv,
-                os.path.join(args.workdir, f"preprocess_{did}.log"))
+            ws.plan_and_preprocess(did, missing)
         # every case trains; two labelled cases are watched during training (overlap is allowed)
-        cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(env["nnUNet_raw"], full_name, "labelsTr")))
+        cases = sorted(f[:-len(".nii.gz")] for f in os.listdir(os.path.join(ws.raw, full_name, "labelsTr")))
         labelled = [c for c in cases if not c.startswith("unlabelled")]
         with open(os.path.join(pre, "splits_final.json"), "w") as f:
             json.dump([{"train": cases, "val": labelled[:2]}], f)
@@ -95,7 +81,7 @@ def prepare(args, env, configurations):
 
 
 # ---------------------------------------------------------------------- accuracy
-def accuracy(args, env, names):
+def accuracy(args, ws, names):
     from nnunet_partial.evaluation import evaluate_folders, format_table, save_results
     from nnunet_partial.synthetic import LABELS, ORGANS, write_test_set
 
@@ -112,11 +98,10 @@ def accuracy(args, env, names):
         tr = trainer + args.schedule
         out = os.path.join(args.workdir, "pred", f"{did}_{tr}_{args.configuration}")
         if not os.path.isdir(out):
-            times[label] = run(["nnUNetv2_train", str(did), args.configuration, "0", "-tr", tr, "-device", args.device],
-                               env, os.path.join(args.workdir, f"train_{did}_{tr}_{args.configuration}.log"))
-            run(["nnUNetv2_predict", "-i", os.path.join(test_dir, "imagesTs"), "-o", out, "-d", str(did),
-                 "-c", args.configuration, "-tr", tr, "-f", "0", "-device", args.device, "-npp", "1", "-nps", "1",
-                 "--disable_tta"], env, os.path.join(args.workdir, f"predict_{did}_{tr}.log"))
+            print(f"training {tr} on {names[did]} ({args.configuration}, log: {ws.logs})", flush=True)
+            times[label] = ws.train(did, args.configuration, tr, device=args.device)
+            ws.predict(did, args.configuration, tr, os.path.join(test_dir, "imagesTs"), out, device=args.device,
+                       extra=["--disable_tta"])
         results[label] = evaluate_folders(out, os.path.join(test_dir, "labelsTs"), LABELS)
         print(f"{label}: {tr} {args.configuration}" + (f", trained in {times[label] / 60:.1f} min" if label in times
                                                       else " (cached)"), flush=True)
@@ -166,14 +151,14 @@ def speed(args, names):
 
 def main():
     args = parse_args()
-    env = setup_env(args.workdir)
+    ws = open_workspace(args.workdir)
     configurations = sorted(set(([args.configuration] if args.part in ("accuracy", "all") else [])
                                 + (args.speed_configurations if args.part in ("speed", "all") else [])))
-    names = prepare(args, env, configurations)
+    names = prepare(args, ws, configurations)
     if args.part in ("speed", "all"):
         speed(args, names)
     if args.part in ("accuracy", "all"):
-        accuracy(args, env, names)
+        accuracy(args, ws, names)
 
 
 if __name__ == "__main__":

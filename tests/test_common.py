@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nnunet_partial.trainers.common import EMATwin, sigmoid_rampup, unwrap
+from nnunet_partial.trainers.common import EMATwin, schedule_capped_decay, sigmoid_rampup, unwrap
 
 
 def _unet():
@@ -66,3 +66,13 @@ def test_sigmoid_rampup():
 def test_unwrap_compiled_module():
     net = torch.nn.Linear(2, 2)
     assert unwrap(torch.compile(net)) is net and unwrap(net) is net
+
+
+def test_schedule_capped_decay_keeps_the_horizon_within_the_run():
+    # horizon 1/(1 - a) <= fraction x steps; long runs keep the requested decay
+    assert schedule_capped_decay(0.999, 250_000, 0.05) == 0.999          # nnU-Net's 1000 x 250
+    assert schedule_capped_decay(0.999, 20_000, 0.05) == pytest.approx(0.999)
+    assert schedule_capped_decay(0.999, 500, 0.05) == pytest.approx(0.96)
+    assert 1 / (1 - schedule_capped_decay(0.999, 3000, 0.1)) == pytest.approx(300)
+    assert schedule_capped_decay(0.999, 8, 0.05) == 0.0                  # shorter than one horizon: a copy
+    assert schedule_capped_decay(0.999, 500, None) == schedule_capped_decay(0.999, 500, 0) == 0.999

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conversion_fakes as cf  # noqa: E402
 
 from nnunet_partial.cli import main  # noqa: E402
+from nnunet_partial.commands.env import ext_trainer_value  # noqa: E402
 
 REPO = cf.REPO_ROOT
 
@@ -733,7 +734,7 @@ def test_mr_scan_convert_and_merge_world_exact(mr_merged):
 
 
 @pytest.mark.integration
-def test_mr_merged_dataset_accepted_by_nnunet_plan_and_preprocess(mr_merged):
+def test_mr_merged_dataset_plans_trains_cowam_and_predicts_with_the_stock_cli(mr_merged):
     base, out = mr_merged["base"], mr_merged["out"]
     env = dict(os.environ, nnUNet_raw=str(mr_merged["root"]), nnUNet_preprocessed=str(base / "pre"),
                nnUNet_results=str(base / "res"), nnUNet_n_proc_DA="1")
@@ -749,3 +750,22 @@ def test_mr_merged_dataset_accepted_by_nnunet_plan_and_preprocess(mr_merged):
     data = pre / "nnUNetPlans_3d_fullres"
     ids = sorted({f.split(".")[0].removesuffix("_seg") for f in os.listdir(data)})
     assert ids == sorted(dj["annotated_labels"])
+
+    # the merged real dataset trains with the headline trainer and predicts through the stock CLI
+    env["nnUNet_extTrainer"] = ext_trainer_value("")
+    trainer = "nnUNetTrainerCoWAM_tiny"
+    p = subprocess.run(["nnUNetv2_train", "610", "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    fold = base / "res" / "Dataset610_MRAbdomen" / f"{trainer}__nnUNetPlans__3d_fullres" / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    images = base / "predict_in"
+    images.mkdir()
+    os.symlink(out / "imagesTr" / "unl_scan_a_0000.nii.gz", images / "unl_scan_a_0000.nii.gz")
+    p = subprocess.run(["nnUNetv2_predict", "-i", str(images), "-o", str(base / "predict_out"), "-d", "610",
+                        "-c", "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1",
+                        "--disable_tta"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    pred = read(base / "predict_out" / "unl_scan_a.nii.gz")
+    assert geometry(pred) == geometry(read(out / "imagesTr" / "unl_scan_a_0000.nii.gz"))
+    assert set(np.unique(sitk.GetArrayFromImage(pred))) <= {0, 1, 2, 3}

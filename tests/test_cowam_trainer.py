@@ -77,8 +77,11 @@ def test_two_different_students_each_with_a_plain_frozen_twin(partial_dataset):
     # seeded: a second trainer builds the same pair
     again = make_trainer(get_trainer(TINY), partial_dataset.name)
     _assert_state_equal(unwrap(again.network2).state_dict(), unwrap(trainer.network2).state_dict())
-    # ramp-up length from the schedule of the variant (2 epochs x 4 iterations)
+    # ramp-up length and EMA decay from the schedule of the variant (2 epochs x 4 iterations)
     assert trainer.rampup_length() == pytest.approx(trainer.rampup_fraction * 8)
+    assert trainer.ema1.ema.decay == trainer.ema2.ema.decay == trainer.effective_ema_decay() == 0.0
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250   # nnU-Net's default schedule
+    assert trainer.effective_ema_decay() == trainer.ema_decay == 0.999
 
 
 def test_equal_student_seeds_are_refused(partial_dataset):
@@ -119,8 +122,37 @@ def test_soft_loss_alone_trains_both_students_from_the_other_twin(partial_datase
     assert any(not torch.equal(a, b) for a, b in zip(before2, _params(trainer.network2)))
 
 
+def test_train_step_one_student_at_a_time_equals_one_backward_of_the_total(partial_dataset, batches):
+    """train_step back-propagates each student before the other's forward (memory, speed); the update
+    must be exactly the one of the paper's total loss backpropagated at once."""
+    from nnunet_partial.trainers.common import clip_and_step
+
+    stepped = start_training(make_trainer(get_trainer(TINY), partial_dataset.name))
+    reference = start_training(make_trainer(get_trainer(TINY), partial_dataset.name))
+    for batch in batches[:2]:
+        stepped.train_step(batch)
+
+        annotated = reference.batch_annotated_mask(batch["keys"])
+        reference.optimizer.zero_grad(set_to_none=True)
+        reference.optimizer2.zero_grad(set_to_none=True)
+        reference.cowam_losses(batch["data"], batch["target"], annotated)["loss"].backward()
+        clip_and_step([(reference.network, reference.optimizer), (reference.network2, reference.optimizer2)],
+                      reference.grad_scaler)
+        reference.ema1.update(reference.network)
+        reference.ema2.update(reference.network2)
+        reference.global_step += 1
+    assert stepped.rampup_weight() > 0   # the soft terms took part
+    for a, b in ((stepped.network, reference.network), (stepped.network2, reference.network2),
+                 (stepped.ema1.module, reference.ema1.module), (stepped.ema2.module, reference.ema2.module)):
+        for pa, pb in zip(_params(a), _params(b)):
+            torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
 def test_ema_twins_move_after_every_step(partial_dataset, batches):
-    trainer = start_training(make_trainer(get_trainer(TINY), partial_dataset.name))
+    class Uncapped(get_trainer(TINY)):   # the 8-step schedule would cap the decay to 0 (a plain copy)
+        ema_horizon_fraction = None
+
+    trainer = start_training(make_trainer(Uncapped, partial_dataset.name))
     for step, batch in enumerate(batches):
         twins_before = [_params(trainer.ema1.module), _params(trainer.ema2.module)]
         decays = [trainer.ema1.decay_for_next_update(), trainer.ema2.decay_for_next_update()]
@@ -131,6 +163,7 @@ def test_ema_twins_move_after_every_step(partial_dataset, batches):
             assert twin.num_updates == step + 1
             after = _params(twin.module)
             assert any(not torch.equal(a, b) for a, b in zip(before, after)), f"twin frozen at step {step}"
+            assert d == pytest.approx(min(1 - 1 / (step + 1), 0.999))    # warm-up rule, not a copy after step 0
             # E_t = d E_{t-1} + (1 - d) θ_t with the student's weights after this step
             for e_old, e_new, theta in zip(before, after, _params(student)):
                 torch.testing.assert_close(e_new, d * e_old + (1 - d) * theta, rtol=1e-5, atol=1e-6)

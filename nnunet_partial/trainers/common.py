@@ -34,6 +34,19 @@ def sigmoid_rampup(step: float, length: float) -> float:
     return float(math.exp(-5.0 * (1.0 - t) ** 2))
 
 
+def schedule_capped_decay(decay: float, total_steps: int, horizon_fraction: Optional[float]) -> float:
+    """``decay``, lowered where needed so that the EMA's averaging horizon ``1/(1 − a)`` is at most
+    ``horizon_fraction`` of all training steps (``None``/0: ``decay`` unchanged).
+
+    An EMA with a horizon longer than the run is mostly an average of early, untrained weights.
+    E.g. 0.999 (horizon 1000) stays 0.999 for runs of ≥ 20 000 steps at fraction 0.05, and becomes
+    0.96 on a 500-step run; runs of at most 1/fraction steps get 0 (the twin copies the network).
+    """
+    if not horizon_fraction:
+        return float(decay)
+    return float(min(decay, max(0.0, 1.0 - 1.0 / (horizon_fraction * total_steps))))
+
+
 class EMATwin:
     """A frozen exponential moving average of a network (timm's ``ModelEmaV3`` does the maths).
 
@@ -98,15 +111,18 @@ def batch_to_device(batch: dict, device: torch.device):
     return data, target
 
 
-def backward_and_step(loss: torch.Tensor, steps: Sequence[Tuple[nn.Module, torch.optim.Optimizer]],
-                      grad_scaler: Optional[torch.amp.GradScaler], max_grad_norm: float = 12.0) -> None:
-    """nnU-Net's optimiser step for one or several (network, optimiser) pairs.
-
-    One (scaled) backward of ``loss``; per pair unscale, clip the grad norm to 12 and step; one
-    scaler update at the end (PyTorch's AMP recipe for several optimisers). Every loss term must be
-    part of ``loss``: anything added after ``optimizer.step()`` would train nothing.
-    """
+def scaled_backward(loss: torch.Tensor, grad_scaler: Optional[torch.amp.GradScaler]) -> None:
+    """``loss.backward()``, scaled when AMP's grad scaler is in use (CUDA)."""
     (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+
+
+def clip_and_step(steps: Sequence[Tuple[nn.Module, torch.optim.Optimizer]],
+                  grad_scaler: Optional[torch.amp.GradScaler], max_grad_norm: float = 12.0) -> None:
+    """nnU-Net's optimiser step for one or several (network, optimiser) pairs whose gradients are in.
+
+    Per pair unscale, clip the grad norm to 12 and step; one scaler update at the end (PyTorch's AMP
+    recipe for several losses and optimisers: every loss's scaled backward comes before any step).
+    """
     for network, optimizer in steps:
         if grad_scaler is not None:
             grad_scaler.unscale_(optimizer)
@@ -117,6 +133,14 @@ def backward_and_step(loss: torch.Tensor, steps: Sequence[Tuple[nn.Module, torch
             optimizer.step()
     if grad_scaler is not None:
         grad_scaler.update()
+
+
+def backward_and_step(loss: torch.Tensor, steps: Sequence[Tuple[nn.Module, torch.optim.Optimizer]],
+                      grad_scaler: Optional[torch.amp.GradScaler], max_grad_norm: float = 12.0) -> None:
+    """One (scaled) backward of ``loss``, then :func:`clip_and_step`. Every loss term must be part of
+    ``loss``: anything added after ``optimizer.step()`` would train nothing."""
+    scaled_backward(loss, grad_scaler)
+    clip_and_step(steps, grad_scaler, max_grad_norm)
 
 
 def register_log_keys(logger, keys: Iterable[str]) -> None:
