@@ -21,6 +21,7 @@ BATCH_SIZE = 4   # 2d steps on few slices keep the in-process tests fast
 
 class _SoftOnlyCoWAM(get_trainer(TINY)):
     """The documented two-line subclass: here with the hard losses switched off."""
+    hard_loss = "focal"
     lambda_focal = 0.0
     lambda_dice = 0.0
 
@@ -82,6 +83,25 @@ def test_two_different_students_each_with_a_plain_frozen_twin(partial_dataset):
     assert trainer.ema1.ema.decay == trainer.ema2.ema.decay == trainer.effective_ema_decay() == 0.0
     trainer.num_epochs, trainer.num_iterations_per_epoch = 1000, 250   # nnU-Net's default schedule
     assert trainer.effective_ema_decay() == trainer.ema_decay == 0.999
+
+
+def test_hard_loss_is_the_foundations_marginal_dc_ce_unless_the_papers_focal_is_chosen(partial_dataset):
+    from nnunet_partial.losses.cowam import CoWAMHardLoss
+    from nnunet_partial.losses.marginal import MarginalDCandCELoss
+
+    assert isinstance(make_trainer(get_trainer(TINY), partial_dataset.name).loss.loss, MarginalDCandCELoss)
+
+    class Focal(get_trainer(TINY)):
+        hard_loss = "focal"
+
+    focal = make_trainer(Focal, partial_dataset.name).loss.loss
+    assert isinstance(focal, CoWAMHardLoss) and (focal.weight_focal, focal.weight_dice, focal.gamma) == (1.0, 0.1, 2.0)
+
+    class Unknown(get_trainer(TINY)):
+        hard_loss = "dice"
+
+    with pytest.raises(ValueError, match="hard_loss must be 'dc_ce' or 'focal'"):
+        make_trainer(Unknown, partial_dataset.name)
 
 
 def test_equal_student_seeds_are_refused(partial_dataset):
