@@ -71,6 +71,11 @@ class CandidateExportMixin:
             keys += [k for k in group if k not in keys]
         return keys
 
+    def total_iterations(self) -> int:
+        """Optimiser steps of the whole run, for ramp-ups and EMA horizons: read from the schedule in
+        ``initialize`` or later, never in ``__init__`` (the schedule variants set it after)."""
+        return self.num_epochs * self.num_iterations_per_epoch
+
     def exported_network(self) -> nn.Module:
         return unwrap(self.candidate_networks()[self.exported_candidate])
 

@@ -5,16 +5,18 @@ with its own optimiser, poly schedule and EMA twin (timm ``ModelEmaV3`` via :cla
 updated after every optimiser step, never DDP-wrapped, never given gradients). Per batch both
 students and both twins see the same augmented patch; each student gets
 
-- the hard loss ``λ_focal·focal + λ_dice·Dice`` on what is known (marginal for labels the case does
-  not annotate), with nnU-Net's deep-supervision weights;
+- the hard loss on what is known, marginal for labels the case does not annotate, with nnU-Net's
+  deep-supervision weights: the foundation's Dice + CE by default, the paper's
+  ``λ_focal·focal + λ_dice·Dice`` with ``hard_loss = "focal"``;
 - the soft loss against the **other** network's twin inside ``T`` = stored background (every
   unannotated organ lives there), weighted ``λ_soft·sigmoid_rampup(step)``, at every
   deep-supervision output with the same weights as the hard loss.
 
 Each student's backward runs before the other's forward (the losses are independent), then both
 optimisers step. The twins are the candidates of :class:`CandidateExportMixin`: both are validated
-each epoch, the better one is exported as ``network_weights`` (what ``nnUNetv2_predict`` loads) and runs the final validation.
-The hard losses use only the manual labels (the paper's "w/o pseudo labels" variant, METHODS §1).
+each epoch, the better one is exported as ``network_weights`` (what ``nnUNetv2_predict`` loads) and
+runs the final validation. The hard losses use only the manual labels (the paper's "w/o pseudo
+labels" variant, METHODS §1).
 """
 from __future__ import annotations
 
@@ -125,18 +127,17 @@ class nnUNetTrainerCoWAM(CandidateExportMixin, nnUNetTrainerPartial):
             raise ValueError(f"{self.__class__.__name__}.hard_loss must be 'dc_ce' or 'focal', got {self.hard_loss!r}")
         # the foundation's marginal DC+CE (nnU-Net's DC_and_CE on stock data), with nnU-Net's
         # deep-supervision weights (DDP-adjusted), which the focal variant and the soft loss reuse
-        stock = super()._build_loss()
-        hard = stock
+        hard = super()._build_loss()
+        ds_weights = hard.weight_factors if isinstance(hard, DeepSupervisionWrapper) else None
         if self.hard_loss == "focal":
             hard = CoWAMHardLoss(self.compute_focal_class_weights(), gamma=self.focal_gamma,
                                  weight_focal=self.lambda_focal, weight_dice=self.lambda_dice,
                                  batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
+            if ds_weights is not None:
+                hard = DeepSupervisionWrapper(hard, ds_weights)
         self.soft_loss = RegionSoftLoss()
-        if isinstance(stock, DeepSupervisionWrapper):
-            weights = stock.weight_factors
-            if self.hard_loss == "focal":
-                hard = DeepSupervisionWrapper(hard, weights)
-            soft_weights = weights if self.soft_loss_deep_supervision else (1.0,) + (0.0,) * (len(weights) - 1)
+        if ds_weights is not None:
+            soft_weights = ds_weights if self.soft_loss_deep_supervision else (1.0,) + (0.0,) * (len(ds_weights) - 1)
             self.soft_loss = DeepSupervisionWrapper(self.soft_loss, soft_weights)
         self.print_to_log_file(f"CoWAM hard loss: {self.hard_loss}")
         return hard
@@ -176,10 +177,6 @@ class nnUNetTrainerCoWAM(CandidateExportMixin, nnUNetTrainerPartial):
         unwrap(self.network2).decoder.deep_supervision = enabled
 
     # ------------------------------------------------------------------ schedule
-    # from the current schedule in initialize (never fixed in __init__: schedule variants set it after)
-    def total_iterations(self) -> int:
-        return self.num_epochs * self.num_iterations_per_epoch
-
     def effective_ema_decay(self) -> float:
         return schedule_capped_decay(self.ema_decay, self.total_iterations(), self.ema_horizon_fraction)
 

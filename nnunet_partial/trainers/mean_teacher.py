@@ -87,8 +87,7 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
         return self.labeled_batch_size if self.labeled_batch_size is not None else math.ceil(self.batch_size / 2)
 
     def consistency_rampup_steps(self) -> int:
-        # from the schedule of this instance (the _tiny/_bench variants change it after __init__)
-        return int(round(self.consistency_rampup_fraction * self.num_epochs * self.num_iterations_per_epoch))
+        return int(round(self.consistency_rampup_fraction * self.total_iterations()))
 
     def current_consistency_weight(self) -> float:
         return self.consistency_weight * sigmoid_rampup(self.global_step, self.consistency_rampup_steps())
