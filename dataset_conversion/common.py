@@ -7,6 +7,7 @@ import hashlib
 import multiprocessing
 import os
 import re
+import reprlib
 import shutil
 import signal
 import struct
@@ -46,15 +47,35 @@ def is_junk(name: str) -> bool:
     return name.startswith(".") or name == "__MACOSX" or name.startswith("__MACOSX")
 
 
+def shorten(items: Iterable, limit: int = 5) -> str:
+    """'a, b, c', or the first ``limit`` items and a count ('a, b, c, d, e, ... (37 in all)'): lists of values,
+    cases or files keep an error message to one readable line."""
+    items = [str(i) for i in items]
+    if len(items) <= limit:
+        return ", ".join(items)
+    return ", ".join(items[:limit]) + f", ... ({len(items)} in all)"
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlist = _REPR.maxdict = _REPR.maxset = _REPR.maxtuple = 8
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
+
+
+def short_repr(obj) -> str:
+    """``repr`` with long lists, mappings and strings cut (``[1, 2, ...]``): user input quoted in a message."""
+    return _REPR.repr(obj)
+
+
 def check_dataset_id_and_name(dataset_id, name: str) -> int:
     try:
         dataset_id = int(dataset_id)
     except (TypeError, ValueError):
-        raise ConversionError(f"dataset id must be an integer 1..999, got {dataset_id!r}") from None
+        raise ConversionError(f"dataset id must be an integer 1..999, got {short_repr(dataset_id)}") from None
     if not 1 <= dataset_id <= 999:
         raise ConversionError(f"dataset id must be in 1..999, got {dataset_id}")
     if not isinstance(name, str) or not DATASET_NAME_RE.match(name):
-        raise ConversionError(f"dataset name {name!r} is not usable in a folder name: use letters, digits, "
+        raise ConversionError(f"dataset name {short_repr(name)} is not usable in a folder name: use letters, digits, "
                               "'_' and '-' only (e.g. 'LiTS')")
     return dataset_id
 
@@ -103,77 +124,244 @@ def describe_folder(src: str) -> str:
     if any(re.match(r"^(volume|segmentation)-\d+\.nii", e) for e in entries) or any(
             e.lower().startswith("training batch") for e in entries):
         hints.append("it looks like the LiTS release (use 'convert lits')")
-    shown = ", ".join(entries[:6]) + (", ..." if len(entries) > 6 else "")
-    return (("; ".join(hints) + "; ") if hints else "") + f"it contains: {shown}"
+    return (("; ".join(hints) + "; ") if hints else "") + f"it contains: {shorten(entries, 6)}"
 
 
 # ----------------------------------------------------------------------------------------- reading
-def _nifti_expected_bytes(header: bytes) -> Optional[int]:
-    """vox_offset + data bytes of a NIfTI-1 header, or None if it is not NIfTI-1."""
-    if len(header) < 348:
-        return None
+# ITK reads a NIfTI (or MetaImage) file whose voxel data are shorter than its header declares without an error,
+# filling the missing part with zeros, and reads a damaged gzip stream as far as it goes. So every file is
+# checked to hold as many bytes as its header declares: a .nii by its size, a .nii.gz by counting the
+# decompressed bytes while the converter reads it (one decode, see read_image), a MetaImage by its header.
+
+_READ_BLOCK = 1 << 18      # compressed bytes read at a time
+_INFLATE_BLOCK = 1 << 20   # decompressed bytes produced at a time (bounds memory for highly compressible labels)
+GZIP_MAGIC = b"\x1f\x8b"
+_MAX_DEFLATE_RATIO = 1032  # deflate cannot expand one byte to more than this
+# NIfTI datatype -> (numpy type, SimpleITK pixel type): the scalar types ITK reads into a buffer as they are stored
+_NIFTI_NUMPY = {2: ("u1", sitk.sitkUInt8), 4: ("i2", sitk.sitkInt16), 8: ("i4", sitk.sitkInt32),
+                16: ("f4", sitk.sitkFloat32), 64: ("f8", sitk.sitkFloat64), 256: ("i1", sitk.sitkInt8),
+                512: ("u2", sitk.sitkUInt16), 768: ("u4", sitk.sitkUInt32), 1024: ("i8", sitk.sitkInt64),
+                1280: ("u8", sitk.sitkUInt64)}
+# bytes per voxel of the other datatypes (complex, RGB, RGBA, long double): length-checked, read by ITK
+_NIFTI_OTHER_SIZES = {32: 8, 128: 3, 1536: 16, 1792: 16, 2048: 32, 2304: 4}
+
+
+@dataclass(frozen=True)
+class NiftiHeader:
+    """What a single-file NIfTI-1 / NIfTI-2 header says about the voxel data that follow it."""
+    header_size: int  # 348 or 540
+    endian: str       # struct / numpy byte order: '<' or '>'
+    shape: tuple      # dim[1..dim[0]], x fastest
+    datatype: int
+    itemsize: int
+    data_offset: int  # first voxel byte (vox_offset, at least the header size)
+    vox_offset: float
+    slope: float
+    inter: float
+
+    @property
+    def data_bytes(self) -> int:
+        n = self.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def total_bytes(self) -> int:
+        return self.data_offset + self.data_bytes
+
+    @property
+    def dtype(self) -> Optional[np.dtype]:
+        code = _NIFTI_NUMPY.get(self.datatype)
+        return np.dtype(self.endian + code[0]) if code else None
+
+    def describe(self) -> str:
+        """e.g. '24x24x12 int16 voxels from byte 352'"""
+        kind = self.dtype.name if self.dtype is not None else f"{self.itemsize}-byte"
+        return f"{'x'.join(map(str, self.shape))} {kind} voxels from byte {self.data_offset}"
+
+    def plain(self) -> bool:
+        """ITK reads the voxels exactly as stored: native byte order, a scalar type, the standard data offset and no
+        scl_slope / scl_inter rescaling (which makes ITK return floats)."""
+        slope_off = not np.isfinite(self.slope) or self.slope == 0 or (self.slope == 1 and self.inter == 0)
+        native = self.endian == ("<" if sys.byteorder == "little" else ">")
+        return (self.dtype is not None and native and slope_off and self.vox_offset == self.data_offset
+                and self.data_offset >= self.header_size + 4)
+
+
+def parse_nifti_header(head: bytes) -> Optional[NiftiHeader]:
+    """The header at the start of a single-file NIfTI-1 (348 bytes) or NIfTI-2 (540 bytes) image, in either byte
+    order; None when ``head`` is neither (Analyze, a .hdr/.img pair, another format)."""
     for endian in "<>":
-        if struct.unpack(endian + "i", header[:4])[0] == 348:
+        if len(head) >= 540 and struct.unpack_from(endian + "i", head)[0] == 540 and head[4:8] == b"n+2\0":
+            datatype, bitpix = struct.unpack_from(endian + "2h", head, 12)
+            dim = struct.unpack_from(endian + "8q", head, 16)
+            vox_offset = float(struct.unpack_from(endian + "q", head, 168)[0])
+            slope, inter = struct.unpack_from(endian + "2d", head, 176)
+            size = 540
+            break
+        if len(head) >= 348 and struct.unpack_from(endian + "i", head)[0] == 348 and head[344:348] == b"n+1\0":
+            dim = struct.unpack_from(endian + "8h", head, 40)
+            datatype, bitpix = struct.unpack_from(endian + "2h", head, 70)
+            vox_offset, slope, inter = struct.unpack_from(endian + "3f", head, 108)
+            size = 348
             break
     else:
         return None
-    dim = struct.unpack(endian + "8h", header[40:56])
-    bitpix = struct.unpack(endian + "h", header[72:74])[0]
-    vox_offset = struct.unpack(endian + "f", header[108:112])[0]
     ndim = dim[0]
-    if not 1 <= ndim <= 7 or bitpix <= 0:
+    if not 1 <= ndim <= 7 or any(d < 0 for d in dim[1:ndim + 1]) or not np.isfinite(vox_offset):
+        return None  # ITK refuses such a header with its own message
+    itemsize = np.dtype(_NIFTI_NUMPY[datatype][0]).itemsize if datatype in _NIFTI_NUMPY else _NIFTI_OTHER_SIZES.get(
+        datatype, bitpix // 8 if bitpix > 0 and bitpix % 8 == 0 else 0)
+    if not itemsize:
         return None
-    n = 1
-    for d in dim[1:ndim + 1]:
-        n *= max(int(d), 1)
-    return int(max(vox_offset, 352)) + n * bitpix // 8
+    return NiftiHeader(size, endian, tuple(max(int(d), 1) for d in dim[1:ndim + 1]), int(datatype), itemsize,
+                       max(int(vox_offset), size), vox_offset, float(slope), float(inter))
 
 
-def _gzip_stream_complete(path: str) -> bool:
-    """Decompress the whole file to check it is a complete, CRC-correct gzip stream (slow path)."""
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+def _inflate(path: str, out: Optional[bytearray] = None, skip: int = 0) -> tuple[int, Optional[str]]:
+    """Decompress every gzip member of ``path`` in blocks, counting the bytes; decompressed bytes ``skip`` ..
+    ``skip + len(out)`` are copied into ``out``. Returns (decompressed length, problem or None); zlib checks each
+    member's CRC and length; problem is "cut" for a stream that ends early. Bytes after the last member that are
+    not a gzip member are ignored, as by gzip."""
+    view = memoryview(out) if out is not None else None
+    end = skip + (len(out) if out is not None else 0)
+    total = 0
     with open(path, "rb") as f:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        data = f.read(_READ_BLOCK)
         while True:
-            block = f.read(1 << 22)
-            if not block:
-                return d.eof
             try:
-                d.decompress(block, 0)
-            except zlib.error:
-                return False
+                chunk = d.decompress(data, _INFLATE_BLOCK) if data else d.flush()
+            except zlib.error as e:
+                return total, f"is damaged ({_zlib_reason(e)})"
+            if view is not None and total < end and total + len(chunk) > skip:
+                a, b = max(total, skip), min(total + len(chunk), end)
+                view[a - skip:b - skip] = memoryview(chunk)[a - total:b - total]
+            total += len(chunk)
             if d.eof:
-                return True
+                data = d.unused_data or f.read(_READ_BLOCK)
+                if 0 < len(data) < 2:
+                    data += f.read(_READ_BLOCK)
+                if not data.startswith(GZIP_MAGIC):
+                    return total, None
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            elif d.unconsumed_tail:
+                data = d.unconsumed_tail
+            elif data:
+                data = f.read(_READ_BLOCK)  # b"" at the end of the file: the next round flushes
+            else:
+                return total, "cut"
 
 
-def check_file_complete(path: str) -> Optional[str]:
-    """ITK zero-fills truncated NIfTI files without an error; detect them. Returns a problem or None."""
-    lower = path.lower()
-    try:
-        if lower.endswith(".nii"):
-            with open(path, "rb") as f:
-                expected = _nifti_expected_bytes(f.read(352))
-            size = os.path.getsize(path)
-            if expected is not None and size < expected:
-                return f"it is truncated ({size} of {expected} bytes)"
-        elif lower.endswith(".nii.gz"):
-            with gzip.open(path, "rb") as f:
-                expected = _nifti_expected_bytes(f.read(352))
-            if expected is None:
-                return None
-            with open(path, "rb") as f:
-                f.seek(-4, os.SEEK_END)
-                isize = struct.unpack("<I", f.read(4))[0]
-            if isize != expected % (1 << 32) and not _gzip_stream_complete(path):
-                return "it is truncated or corrupt (incomplete gzip stream)"
-    except (OSError, EOFError, zlib.error) as e:
-        return f"it is truncated or corrupt ({e})"
+def _zlib_reason(e: Exception) -> str:
+    return re.sub(r"^Error -?\d+ while decompressing data:\s*", "", str(e))
+
+
+def _length_problem(hdr: NiftiHeader, held: int, compressed: bool,
+                    stream_problem: Optional[str] = None) -> Optional[str]:
+    declared = f"its header declares {hdr.total_bytes} ({hdr.describe()})"
+    if stream_problem == "cut":
+        return f"it is truncated: its gzip stream is cut off after {held} decompressed bytes; {declared}"
+    if stream_problem:
+        return f"it is corrupt: its gzip stream {stream_problem}; {declared}"
+    if held < hdr.total_bytes:
+        return f"it is truncated: it {'decompresses to' if compressed else 'holds'} {held} bytes but {declared}"
     return None
 
 
-def _sitk_reason(e: Exception) -> str:
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    msg = lines[-1] if lines else str(e)
-    return re.sub(r"^sitk::ERROR:\s*", "", msg)
+def _nifti_problem(path: str) -> Optional[str]:
+    with open(path, "rb") as f:
+        head = f.read(540)
+    if head.startswith(GZIP_MAGIC):  # by content: ITK reads a gzipped .nii and a plain .nii.gz alike
+        try:
+            with gzip.open(path, "rb") as g:
+                head = g.read(540)
+        except (OSError, EOFError, zlib.error) as e:
+            return f"it is truncated or corrupt: its gzip stream ends or breaks inside the header ({_zlib_reason(e)})"
+        hdr = parse_nifti_header(head)
+        if hdr is None:
+            return None  # not NIfTI: the reader says what it is
+        held, stream_problem = _inflate(path)
+        return _length_problem(hdr, held, True, stream_problem)
+    hdr = parse_nifti_header(head)
+    return _length_problem(hdr, os.path.getsize(path), False) if hdr else None
+
+
+_MET_SIZES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+              "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}
+
+
+def _metaimage_problem(path: str) -> Optional[str]:
+    """MetaImage (.mha / .mhd): the data length its text header declares against the bytes present. Layouts this
+    does not cover (lists of slice files, unknown types) are left to the reader."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    fields, offset = {}, None
+    for m in re.finditer(rb"([^\r\n]*)(\r?\n|$)", head):
+        key, _, value = m.group(1).decode("latin-1").partition("=")
+        fields[key.strip()] = value.strip()
+        if key.strip() == "ElementDataFile":
+            offset = m.end()
+            break
+    if offset is None:
+        return None
+    try:
+        dims = [int(v) for v in fields.get("DimSize", "").split()]
+        channels = int(fields.get("ElementNumberOfChannels", "1"))
+        header_size = int(fields.get("HeaderSize", "0"))
+    except ValueError:
+        return None
+    source = fields["ElementDataFile"]
+    if source == "LOCAL":
+        held = os.path.getsize(path) - offset
+    else:
+        if source == "LIST" or "%" in source or header_size < 0:
+            return None
+        data = os.path.join(os.path.dirname(path), source)
+        if not os.path.isfile(data):
+            return f"its data file {data} (ElementDataFile) is missing"
+        held = os.path.getsize(data) - header_size
+    if fields.get("CompressedData", "False").lower() == "true":
+        if not fields.get("CompressedDataSize", "").isdigit():
+            return None
+        expected, kind = int(fields["CompressedDataSize"]), "compressed voxel data"
+    else:
+        size = _MET_SIZES.get(fields.get("ElementType", ""))
+        if not dims or size is None:
+            return None
+        expected, kind = int(np.prod(dims)) * channels * size, "voxel data"
+    if held < expected:
+        return (f"it is truncated: it holds {max(held, 0)} bytes of {kind} but its header declares {expected} "
+                f"({'x'.join(map(str, dims))} {fields.get('ElementType', '?')})")
+    return None
+
+
+def check_file_complete(path: str) -> Optional[str]:
+    """Why ``path`` holds fewer bytes than its header declares, or None. NIfTI (.nii, .nii.gz, either NIfTI-1 or -2)
+    and MetaImage are checked here; for other formats (NRRD) the reader itself reports short data."""
+    lower = path.lower()
+    if lower.endswith((".nii", ".nii.gz")):
+        return _nifti_problem(path)
+    if lower.endswith((".mha", ".mhd")):
+        return _metaimage_problem(path)
+    return None
+
+
+def _sitk_reason(e: Exception, path: str = "") -> str:
+    """ITK's exception text, which spans several lines (a trace for NRRD), as one short phrase: its last line."""
+    keep = []
+    for ln in str(e).splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("Exception thrown in") or re.match(r"^\S+\.(cxx|h|hxx):\d+:?$", ln):
+            continue
+        ln = re.sub(r"^(sitk::ERROR|ITK ERROR):\s*", "", ln)
+        ln = re.sub(r"^\w+\(0x[0-9a-f]+\):\s*", "", ln)
+        if ln.startswith("Reason: ") and os.path.isfile(path):
+            continue  # errno left over from an earlier call: "No such file or directory" for a file that exists
+        keep.append(ln)
+    msg = re.sub(r"^\[nrrd\]\s*\w+:\s*", "", keep[-1]) if keep else str(e).strip()
+    return msg if len(msg) <= 300 else msg[:297] + "..."
 
 
 def _check_readable(path: str, what: str, case: str) -> None:
@@ -185,16 +373,66 @@ def _check_readable(path: str, what: str, case: str) -> None:
         raise ConversionError(f"case '{case}': {what} file {path} is empty (0 bytes)")
 
 
+def _unusable(case: str, what: str, path: str, problem: str) -> ConversionError:
+    return ConversionError(f"case '{case}': {what} file {path} cannot be used: {problem}; download, extract or "
+                           "convert it again")
+
+
+def check_complete(path: str, case: str, what: str = "image") -> None:
+    """Raise ConversionError when ``path`` holds fewer bytes than its header declares (see check_file_complete)."""
+    _check_readable(path, what, case)
+    try:
+        problem = check_file_complete(path)
+    except OSError as e:
+        raise ConversionError(f"case '{case}': {what} file {path} cannot be read: {e.strerror or e}") from None
+    if problem:
+        raise _unusable(case, what, path, problem)
+
+
+def _read_plain_nifti_gz(path: str, case: str, what: str) -> Optional[sitk.Image]:
+    """Read a gzipped NIfTI ourselves, counting the decompressed bytes as they come, so that a short or damaged
+    file is caught without a second decode. The header (geometry, metadata) still comes from ITK; only files
+    ITK reads as stored (``NiftiHeader.plain``, 3D scalar) take this path; None for the others."""
+    try:
+        with gzip.open(path, "rb") as g:
+            hdr = parse_nifti_header(g.read(540))
+    except (OSError, EOFError, zlib.error):
+        return None  # not gzip, or damaged in the header: check_file_complete / ITK say which
+    if hdr is None or not hdr.plain() or len(hdr.shape) != 3:
+        return None
+    if hdr.data_bytes > _MAX_DEFLATE_RATIO * os.path.getsize(path):
+        return None  # declares more than the file can hold: counted by check_complete, not allocated here
+    buf = bytearray(hdr.data_bytes)
+    held, stream_problem = _inflate(path, buf, hdr.data_offset)  # first: ITK cannot even open a damaged stream
+    problem = _length_problem(hdr, held, True, stream_problem)
+    if problem:
+        raise _unusable(case, what, path, problem)
+    reader = read_header(path, case, what)
+    if (reader.GetNumberOfComponents() != 1 or tuple(reader.GetSize()) != hdr.shape
+            or reader.GetPixelID() != _NIFTI_NUMPY[hdr.datatype][1]):
+        return None  # ITK makes something else of it (not seen in practice): let it read the file itself
+    img = sitk.GetImageFromArray(np.frombuffer(buf, hdr.dtype).reshape(hdr.shape[::-1]))
+    del buf
+    img.SetSpacing(reader.GetSpacing())
+    img.SetOrigin(reader.GetOrigin())
+    img.SetDirection(reader.GetDirection())
+    for key in reader.GetMetaDataKeys():  # as sitk.ReadImage: the NIfTI header fields ride along to the writer
+        img.SetMetaData(key, reader.GetMetaData(key))
+    return img
+
+
 def read_image(path: str, case: str, what: str = "image") -> sitk.Image:
     """Read a whole image; missing / empty / unreadable / truncated files raise ConversionError."""
     _check_readable(path, what, case)
-    problem = check_file_complete(path)
-    if problem:
-        raise ConversionError(f"case '{case}': {what} file {path} cannot be used: {problem}")
+    if path.lower().endswith(".nii.gz"):
+        img = _read_plain_nifti_gz(path, case, what)
+        if img is not None:
+            return img
+    check_complete(path, case, what)
     try:
         return sitk.ReadImage(path)
     except RuntimeError as e:
-        raise ConversionError(f"case '{case}': {what} file {path} cannot be read: {_sitk_reason(e)}") from None
+        raise ConversionError(f"case '{case}': {what} file {path} cannot be read: {_sitk_reason(e, path)}") from None
 
 
 def read_header(path: str, case: str, what: str = "image") -> sitk.ImageFileReader:
@@ -205,7 +443,7 @@ def read_header(path: str, case: str, what: str = "image") -> sitk.ImageFileRead
     try:
         reader.ReadImageInformation()
     except RuntimeError as e:
-        raise ConversionError(f"case '{case}': {what} file {path} cannot be read: {_sitk_reason(e)}") from None
+        raise ConversionError(f"case '{case}': {what} file {path} cannot be read: {_sitk_reason(e, path)}") from None
     return reader
 
 
@@ -266,41 +504,74 @@ def check_geometry(image: Geometry, label: Geometry, case: str, image_path: str,
 
 
 # ----------------------------------------------------------------------------------------- labels
+MAX_LISTED_VALUES = 8  # more undefined label values than this: summarise instead of listing
+
+
 def _chunks(n: int, step: int = CHUNK_SLICES):
     for s in range(0, n, step):
         yield slice(s, min(n, s + step))
 
 
-def present_values(arr: np.ndarray, case: str, path: str) -> list[int]:
+def _swap_hint(image: Optional[str], label: str) -> str:
+    """' does this file hold an image? are volume-1 and segmentation-1 swapped?'"""
+    if not image:
+        return " does this file hold an image?"
+    a, b = (re.sub(r"(\.nii(\.gz)?|\.mha|\.mhd|\.nrrd|\.nhdr)$", "", os.path.basename(p), flags=re.I)
+            for p in (image, label))
+    if a == b:  # MSD: imagesTr/x.nii.gz and labelsTr/x.nii.gz
+        a, b = (os.path.join(os.path.basename(os.path.dirname(p)), os.path.basename(p)) for p in (image, label))
+    return f" does this file hold an image? are {a} and {b} swapped?"
+
+
+def present_values(arr: np.ndarray, case: str, path: str, image: Optional[str] = None) -> list[int]:
     """Sorted label values present in a label array, scanning it in slabs (bounded extra memory).
 
-    Non-integer values raise ConversionError.
+    Non-integer values raise ConversionError (``image``: the case's image file, named when the label file looks
+    like an image).
     """
     found: set[int] = set()
     is_int = np.issubdtype(arr.dtype, np.integer)
     for s in _chunks(arr.shape[0] if arr.ndim else 1):
         chunk = arr[s] if arr.ndim else arr
         if not is_int:
-            if not np.all(np.isfinite(chunk)) or not np.array_equal(chunk, np.rint(chunk)):
-                bad = chunk[~np.isfinite(chunk) | (chunk != np.rint(chunk))].ravel()[0]
+            bad_mask = ~np.isfinite(chunk) | (chunk != np.rint(chunk))
+            if bad_mask.any():
+                bad = chunk[bad_mask].ravel()[0]
+                # mostly non-integer: a scan, not a label map that merely went through interpolation
+                hint = (";" + _swap_hint(image, path)) if bad_mask.mean() > 0.5 else ""
                 raise ConversionError(f"case '{case}': label file {path} holds the non-integer value {bad:g}; "
-                                      "a label map must hold integer label values")
-        lo, hi = chunk.min(), chunk.max()
+                                      f"a label map must hold integer label values{hint}")
+        lo, hi = int(chunk.min()), int(chunk.max())
         if lo >= 0 and hi < 65536:
             counts = np.bincount(chunk.astype(np.intp, copy=False).ravel(), minlength=1)
             found.update(int(v) for v in np.flatnonzero(counts))
+        elif hi - lo < 1 << 17:  # e.g. an int16 scan mistaken for a label map
+            counts = np.bincount((chunk.astype(np.intp) - lo).ravel(), minlength=1)
+            found.update(int(v) + lo for v in np.flatnonzero(counts))
         else:
             found.update(int(v) for v in np.unique(chunk))
     return sorted(found)
 
 
+def label_table(defined: Mapping[int, str], limit: int = 12) -> str:
+    """'0 background, 1 liver, 2 tumor' (the first ``limit`` and a count for long label lists)."""
+    return shorten([f"{v} {n}" for v, n in sorted(defined.items())], limit)
+
+
 def check_label_values(values: Iterable[int], defined: Mapping[int, str], case: str, path: str,
-                       dataset: str, hint: str = "") -> None:
-    undefined = sorted(set(values) - set(defined))
-    if undefined:
-        table = ", ".join(f"{v} {n}" for v, n in sorted(defined.items()))
+                       dataset: str, hint: str = "", image: Optional[str] = None) -> None:
+    values = sorted(values)
+    undefined = [v for v in values if v not in defined]
+    if not undefined:
+        return
+    table = label_table(defined)
+    if len(undefined) <= MAX_LISTED_VALUES:
         raise ConversionError(f"case '{case}': label file {path} holds value(s) {undefined} that {dataset} does "
                               f"not define (defined: {table}){hint}")
+    # an image mistaken for a label map holds thousands of values: summarise them
+    raise ConversionError(f"case '{case}': label file {path} holds {len(values)} distinct values from {values[0]} "
+                          f"to {values[-1]}, {len(undefined)} of which {dataset} does not define (defined: {table});"
+                          + _swap_hint(image, path))
 
 
 def remap_labels(arr: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -417,6 +688,7 @@ class AtomicDataset:
 
     def _commit(self) -> None:
         self._check_existing()
+        apply_umask_modes(self.tmp)
         trash = []
         try:
             for old in self.existing():
@@ -432,6 +704,33 @@ class AtomicDataset:
         for _, t in trash:
             shutil.rmtree(t, ignore_errors=True)
         self.tmp = None
+
+
+def current_umask() -> int:
+    try:
+        with open("/proc/self/status") as f:  # read without changing it (os.umask can only set)
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask_modes(folder: str) -> None:
+    """Give ``folder`` and everything in it the modes the umask gives any new folder / file (0755 / 0644 under
+    umask 022): mkdtemp makes the temporary dataset folder 0700 and shutil.copy copies a source file's mode, and
+    a dataset on a shared cluster must be readable by whoever the umask allows."""
+    mask = current_umask()
+    dir_mode, file_mode = 0o777 & ~mask, 0o666 & ~mask
+    os.chmod(folder, dir_mode)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), dir_mode)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), file_mode)
 
 
 def _sigterm_to_interrupt(signum, frame):
@@ -536,8 +835,9 @@ def convert_pair_case(job: dict) -> dict:
     if job.get("label"):
         seg = read_image(job["label"], name, "label")
         check_geometry(geo, Geometry.of(seg), name, job["image"], job["label"], job["tolerance"])
-        values = present_values(sitk.GetArrayViewFromImage(seg), name, job["label"])
-        check_label_values(values, job["defined"], name, job["label"], job["dataset"], job.get("hint", ""))
+        values = present_values(sitk.GetArrayViewFromImage(seg), name, job["label"], job["image"])
+        check_label_values(values, job["defined"], name, job["label"], job["dataset"], job.get("hint", ""),
+                           image=job["image"])
         write_image(as_uint8_label(seg, geo), job["out_label"])
         result["values"] = values
         result["bytes"] += os.path.getsize(job["label"])

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 import re
 
-from dataset_conversion.common import ConversionError, DEFAULT_TOLERANCE, describe_folder, is_junk, run_pair_conversion
+from dataset_conversion.common import (ConversionError, DEFAULT_TOLERANCE, describe_folder, is_junk,
+                                       run_pair_conversion, shorten)
 
 KITS_LABELS = {
     19: {"background": 0, "kidney": 1, "tumor": 2},
@@ -45,6 +46,7 @@ def convert_kits(src: str, dataset_id: int, version: int = 19, name: str = None,
     case_root = _case_root(src)
     dataset = f"KiTS{version}"
     train, test = [], []
+    no_image, no_label = [], []  # (case, message) of every case at fault: the error names the first and counts them
     for d in sorted(os.listdir(case_root)):
         m = _CASE_RE.match(d)
         if is_junk(d) or not m or not os.path.isdir(os.path.join(case_root, d)):
@@ -59,14 +61,20 @@ def convert_kits(src: str, dataset_id: int, version: int = 19, name: str = None,
         if not os.path.exists(image):
             hint = (" (the KiTS21/23 git repository ships only the labels: run its download script first)"
                     if version != 19 else "")
-            raise ConversionError(f"case '{d}': image file {image} is missing{hint}")
+            no_image.append((d, f"case '{d}': image file {image} is missing{hint}"))
+            continue
         if label is None:
             if version == 19 and int(m.group(1)) >= KITS19_FIRST_TEST_CASE:
                 test.append({"case": d, "name": d, "image": image, "label": None})
                 continue
             expected = "segmentation.nii.gz" + (" or aggregated_MAJ_seg.nii.gz" if version == 21 else "")
-            raise ConversionError(f"case '{d}': label file {os.path.join(folder, expected)} is missing")
+            no_label.append((d, f"case '{d}': label file {os.path.join(folder, expected)} is missing"))
+            continue
         train.append({"case": d, "name": d, "image": image, "label": label})
+    for faults, what in ((no_image, "imaging.nii.gz"), (no_label, "a segmentation")):
+        if faults:
+            more = (f"; {len(faults)} cases lack {what}: {shorten(c for c, _ in faults)}" if len(faults) > 1 else "")
+            raise ConversionError(faults[0][1] + more)
     if not train:
         raise ConversionError(f"{src}: no KiTS training case (case_XXXXX with imaging.nii.gz and a segmentation)")
     hint = "; KiTS21/23 define 3 = cyst: if this is KiTS21 or KiTS23 pass --version 21 or 23" if version == 19 else ""

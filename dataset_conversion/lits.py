@@ -13,7 +13,7 @@ import os
 import re
 
 from dataset_conversion.common import (ConversionError, DEFAULT_TOLERANCE, describe_folder, is_junk,
-                                       run_pair_conversion)
+                                       run_pair_conversion, shorten)
 
 LITS_LABELS = {"background": 0, "liver": 1, "tumor": 2}
 _FILE_RE = re.compile(r"^(volume|segmentation|test-volume)-(\d+)\.nii(\.gz)?$")
@@ -39,6 +39,13 @@ def find_lits_files(src: str) -> dict[str, dict[int, str]]:
     return found
 
 
+def _more(numbers: list[int], kind: str, what: str) -> str:
+    """'; 12 volumes lack their segmentation: volume-3, volume-5, ... (12 in all)' when several cases are at fault."""
+    if len(numbers) < 2:
+        return ""
+    return f"; {len(numbers)} {kind}s {what}: {shorten(f'{kind}-{n}' for n in numbers)}"
+
+
 def convert_lits(src: str, dataset_id: int, name: str = "LiTS", root: str = None, overwrite: bool = False,
                  num_processes: int = 1, tolerance: float = DEFAULT_TOLERANCE) -> str:
     src = os.path.abspath(src)
@@ -49,11 +56,15 @@ def convert_lits(src: str, dataset_id: int, name: str = "LiTS", root: str = None
     if not vols and not segs:
         raise ConversionError(f"{src} is not the LiTS release: no volume-N.nii / segmentation-N.nii found "
                               f"(expected e.g. 'Training Batch 1/volume-0.nii'); {describe_folder(src)}")
-    for n in sorted(set(vols) - set(segs)):
+    no_seg, no_vol = sorted(set(vols) - set(segs)), sorted(set(segs) - set(vols))
+    if no_seg:
+        n = no_seg[0]
         raise ConversionError(f"case 'volume-{n}': segmentation-{n}.nii is missing (image {vols[n]} has no label "
-                              "file in the release folders)")
-    for n in sorted(set(segs) - set(vols)):
-        raise ConversionError(f"case 'volume-{n}': volume-{n}.nii is missing (label {segs[n]} has no image)")
+                              "file in the release folders)" + _more(no_seg, "volume", "lack their segmentation"))
+    if no_vol:
+        n = no_vol[0]
+        raise ConversionError(f"case 'volume-{n}': volume-{n}.nii is missing (label {segs[n]} has no image)"
+                              + _more(no_vol, "segmentation", "lack their volume"))
     train = [{"case": f"lits_{n:04d}", "name": f"volume-{n}", "image": vols[n], "label": segs[n]}
              for n in sorted(vols)]
     test = [{"case": f"lits_test_{n:04d}", "name": f"test-volume-{n}", "image": tests[n], "label": None}

@@ -26,6 +26,7 @@ Every file of the merged dataset is read and written with SimpleITK as ``.nii.gz
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -35,10 +36,10 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import SimpleITK as sitk
 
-from dataset_conversion.common import (AtomicDataset, ConversionError, DEFAULT_TOLERANCE, Geometry, check_geometry,
-                                       check_label_values, content_hashes, describe_folder, is_junk,
+from dataset_conversion.common import (AtomicDataset, ConversionError, DATASET_NAME_RE, DEFAULT_TOLERANCE, Geometry,
+                                       check_geometry, check_label_values, content_hashes, describe_folder, is_junk,
                                        label_image_like, present_values, progress_note, read_image, remap_labels,
-                                       reorient, run_cases, write_dataset_json, write_image)
+                                       reorient, run_cases, short_repr, shorten, write_dataset_json, write_image)
 from nnunet_partial.annotations import ANNOTATED_KEY, PROVENANCE_KEY, PartialAnnotations
 
 TOP_KEYS = {"dataset_id", "dataset_name", "labels", "sources", "orientation", "duplicates", "allow_mixed_channels",
@@ -50,28 +51,83 @@ _CHANNEL_FILE_RE = re.compile(r"^(.+)_(\d{4})$")
 
 
 # ----------------------------------------------------------------------------------------- spec
+def _line_at(text: str, line: int) -> str:
+    lines = text.splitlines()
+    return f" ({short_repr(lines[line])})" if 0 <= line < len(lines) else ""
+
+
+def _yaml_error(path: str, text: str, e: Exception) -> ConversionError:
+    """One line from a PyYAML error: where (line, column, the line itself), what, and the likely fix."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None) or str(e).splitlines()[0]
+    context, cmark = getattr(e, "context", None) or "", getattr(e, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}{_line_at(text, mark.line)}: " if mark else ""
+    opened = f"line {cmark.line + 1}, column {cmark.column + 1}" if cmark else "earlier"
+    if "'\\t'" in problem:
+        fix = "YAML indents with spaces only: replace the tab with spaces"
+    elif "flow sequence" in context or "flow mapping" in context:
+        bracket = "[" if "sequence" in context else "{"
+        fix = f"is the '{bracket}' opened at {opened} closed, and its items separated by commas?"
+    elif "quoted scalar" in context:
+        fix = f"is the quote opened at {opened} closed?"
+    elif "block" in problem or "block" in context or "mapping values are not allowed" in problem:
+        fix = "check the indentation: the keys of one mapping start in the same column, list items ('- ') too"
+    else:
+        fix = "see the spec format in docs/conversion.md"
+    return ConversionError(f"merge spec {path} is not valid YAML: {where}{problem}; {fix}")
+
+
 def load_spec(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConversionError(f"merge spec {path} does not exist")
     try:
         with open(path) as f:
             text = f.read()
-        if path.lower().endswith(".json"):
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"merge spec {path} cannot be read: {e}") from None
+    if path.lower().endswith(".json"):
+        try:
             spec = json.loads(text)
-        else:
-            import yaml
+        except json.JSONDecodeError as e:
+            raise ConversionError(f"merge spec {path} is not valid JSON: line {e.lineno}, column {e.colno}"
+                                  f"{_line_at(text, e.lineno - 1)}: {e.msg}") from None
+    else:
+        import yaml
+        try:
             spec = yaml.safe_load(text)
-    except (OSError, ValueError) as e:  # yaml.YAMLError is not a ValueError: handled below
-        raise ConversionError(f"merge spec {path} cannot be parsed: {e}") from None
-    except Exception as e:  # noqa: BLE001 - yaml.YAMLError
-        raise ConversionError(f"merge spec {path} cannot be parsed: {str(e).splitlines()[0]}") from None
+        except yaml.YAMLError as e:
+            raise _yaml_error(path, text, e) from None
     if not isinstance(spec, dict):
-        raise ConversionError(f"merge spec {path}: expected a mapping with dataset_id, dataset_name, labels, sources")
+        raise ConversionError(f"merge spec {path}: expected a mapping with dataset_id, dataset_name, labels, sources; "
+                              f"got {type(spec).__name__} {short_repr(spec)}")
     return spec
 
 
-def _err(spec_path: str, msg: str) -> ConversionError:
-    return ConversionError(f"merge spec {spec_path}: {msg}")
+def _err(spec_path: str, msg: str, key: Optional[str] = None) -> ConversionError:
+    """``key``: where in the spec, as a path (``sources[1].labels``)."""
+    return ConversionError(f"merge spec {spec_path}: {key + ': ' if key else ''}{msg}")
+
+
+def _unknown_keys(spec_path: str, found, known, key: Optional[str] = None, prefix: str = "") -> None:
+    unknown = sorted(set(found) - set(known), key=str)
+    if unknown:
+        close = [f"{c[0]!r} for {u!r}" for u in unknown if (c := difflib.get_close_matches(str(u), sorted(known), 1))]
+        raise _err(spec_path, f"{prefix}unknown key(s) {short_repr(unknown)}; known: {sorted(known)}"
+                   + (f" (did you mean {', '.join(close[:3])}?)" if close else ""), key)
+
+
+def _name_map(value, spec_path: str, key: str) -> dict[str, str]:
+    """A channel_names mapping ({"0": "CT"}) with string values."""
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        raise _err(spec_path, f"must map channel numbers to names, e.g. {{\"0\": \"CT\"}}; got {short_repr(value)}",
+                   key)
+    try:
+        out = {str(int(k)): v for k, v in value.items()}
+    except (TypeError, ValueError):
+        raise _err(spec_path, f"channel numbers must be 0, 1, ...; got {short_repr(sorted(map(str, value)))}",
+                   key) from None
+    if sorted(map(int, out)) != list(range(len(out))):
+        raise _err(spec_path, f"channel numbers must be 0, 1, ... without gaps; got {sorted(map(int, out))}", key)
+    return out
 
 
 def _check_orientation(code, spec_path) -> Optional[str]:
@@ -81,27 +137,49 @@ def _check_orientation(code, spec_path) -> Optional[str]:
     axes = ("LR", "PA", "SI")
     used = sorted(next((i for i, a in enumerate(axes) if c in a), -1) for c in code)
     if used != [0, 1, 2]:
-        raise _err(spec_path, f"orientation {code!r} is not a 3-letter code using each of L/R, P/A, S/I once "
-                              "(e.g. LPS, RAS), or null")
+        raise _err(spec_path, f"{short_repr(code)} is not a 3-letter code using each of L/R, P/A, S/I once "
+                              "(e.g. LPS, RAS), or null", "orientation")
     return code
 
 
-def _resolve_dataset(ref, root: str, spec_dir: str, source: str, spec_path: str) -> str:
-    if isinstance(ref, bool) or ref is None:
-        raise _err(spec_path, f"source '{source}': 'dataset' must be an id, a DatasetXXX_Name or a folder")
+def _resolve_dataset(ref, root: str, spec_dir: str, source: str, spec_path: str, key: str) -> str:
+    if isinstance(ref, bool) or not isinstance(ref, (int, str)) or ref == "":
+        raise _err(spec_path, f"source '{source}': 'dataset' must be an id, a DatasetXXX_Name or a folder, got "
+                              f"{short_repr(ref)}", key)
     text = str(ref)
     if isinstance(ref, int) or text.isdigit():
         prefix = f"Dataset{int(text):03d}_"
         hits = sorted(d for d in (os.listdir(root) if os.path.isdir(root) else []) if d.startswith(prefix)
                       and os.path.isdir(os.path.join(root, d)))
         if len(hits) != 1:
-            raise ConversionError(f"source '{source}': dataset {ref} " + (
-                f"not found in {root} (no {prefix}* folder)" if not hits else f"is ambiguous in {root}: {hits}"))
+            raise _err(spec_path, f"source '{source}': dataset {ref} " + (
+                f"not found in {root} (no {prefix}* folder)" if not hits
+                else f"is ambiguous in {root}: {shorten(hits)}; name the folder"), key)
         return os.path.join(root, hits[0])
     for cand in (os.path.join(spec_dir, text), os.path.join(root, text)):
         if os.path.isdir(cand):
             return os.path.abspath(cand)
-    raise ConversionError(f"source '{source}': dataset {text!r} not found (looked in {spec_dir} and {root})")
+    raise _err(spec_path, f"source '{source}': dataset {short_repr(text)} not found (looked in {spec_dir} and {root})",
+               key)
+
+
+def _load_source_json(folder: str, source: str) -> dict:
+    dj_path = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(dj_path):
+        raise ConversionError(f"source '{source}': {folder} has no dataset.json; is it an nnU-Net raw dataset? "
+                              "Convert public releases first with 'nnunet-partial convert'. "
+                              f"{describe_folder(folder)}")
+    try:
+        with open(dj_path) as f:
+            dj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"source '{source}': {dj_path} is not valid JSON: line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"source '{source}': {dj_path} cannot be read: {e}") from None
+    if not isinstance(dj, dict):
+        raise ConversionError(f"source '{source}': {dj_path} is not a JSON object")
+    return dj
 
 
 def _source_labels(dj: Mapping, folder: str, source: str) -> dict[str, int]:
@@ -112,9 +190,13 @@ def _source_labels(dj: Mapping, folder: str, source: str) -> dict[str, int]:
     out = {}
     for k, v in labels.items():
         if isinstance(v, (list, tuple)):
-            raise ConversionError(f"source '{source}': label {k!r} of {folder} is a region {v}; merge needs plain "
-                                  "integer labels")
-        out[str(k)] = int(v)
+            raise ConversionError(f"source '{source}': label {short_repr(k)} of {folder} is a region "
+                                  f"{short_repr(v)}; merge needs plain integer labels")
+        try:
+            out[str(k)] = int(v)
+        except (TypeError, ValueError):
+            raise ConversionError(f"source '{source}': label {short_repr(k)} of {folder}/dataset.json has the value "
+                                  f"{short_repr(v)}; expected an integer") from None
     return out
 
 
@@ -141,11 +223,17 @@ def _list_unlabelled(folder: str, source: str) -> dict[str, list[str]]:
         out = {}
         for case, chans in cases.items():
             if sorted(chans) != list(range(len(chans))):
-                raise ConversionError(f"source '{source}' case '{case}': channel files {sorted(chans)} are not "
-                                      f"numbered 0000..{len(chans) - 1:04d}")
+                raise ConversionError(f"source '{source}' case '{case}': channel files {shorten(sorted(chans), 8)} are "
+                                      f"not numbered 0000..{len(chans) - 1:04d}")
             out[case] = [chans[i] for i in range(len(chans))]
         return out
     return {stem: [path] for stem, path in files}
+
+
+def _first_line(e: Exception) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    msg = lines[0] if lines else type(e).__name__
+    return msg if len(msg) <= 200 else msg[:197] + "..."
 
 
 def _merged_case_id(source: str, original: str) -> str:
@@ -154,96 +242,119 @@ def _merged_case_id(source: str, original: str) -> str:
 
 
 def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
-    """Validate the spec against the sources and build the per-case jobs (no image is read here)."""
+    """Validate the spec against the sources and build the per-case jobs (no image is read here). Errors name the
+    key at fault as a path (``sources[1].labels``, sources counted from 0)."""
     spec_dir = os.path.dirname(os.path.abspath(spec_path))
-    unknown = sorted(set(spec) - TOP_KEYS)
-    if unknown:
-        raise _err(spec_path, f"unknown key(s) {unknown}; known: {sorted(TOP_KEYS)}")
+    _unknown_keys(spec_path, spec, TOP_KEYS)
     for key in ("dataset_id", "dataset_name", "labels", "sources"):
         if key not in spec:
             raise _err(spec_path, f"missing required key '{key}'")
+    dataset_id = spec["dataset_id"]
+    if isinstance(dataset_id, bool) or not re.fullmatch(r"\d+", str(dataset_id)) or not 1 <= int(dataset_id) <= 999:
+        raise _err(spec_path, f"must be an integer 1..999, got {short_repr(dataset_id)}", "dataset_id")
+    if not isinstance(spec["dataset_name"], str) or not DATASET_NAME_RE.match(spec["dataset_name"]):
+        raise _err(spec_path, f"{short_repr(spec['dataset_name'])} is not usable in a folder name: use letters, "
+                              "digits, '_' and '-' only", "dataset_name")
     targets = spec["labels"]
-    if (not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets)
-            or len(set(targets)) != len(targets)):
-        raise _err(spec_path, f"'labels' must be a non-empty list of distinct target label names, got {targets!r}")
-    if "background" in targets:
-        raise _err(spec_path, "'labels' lists 'background'; it is implied (value 0)")
+    if not isinstance(targets, list) or not targets:
+        raise _err(spec_path, f"must be a non-empty list of target label names, got {short_repr(targets)}", "labels")
+    for i, t in enumerate(targets):
+        if not isinstance(t, str) or not t:
+            raise _err(spec_path, f"target label names must be non-empty strings, got {short_repr(t)}",
+                       f"labels[{i}]")
+        if t in targets[:i]:
+            raise _err(spec_path, f"{t!r} is listed twice", f"labels[{i}]")
+        if t == "background":
+            raise _err(spec_path, "'background' is implied (value 0): remove it", f"labels[{i}]")
     target_value = {t: i + 1 for i, t in enumerate(targets)}
     duplicates = spec.get("duplicates", "error")
     if duplicates not in ("error", "drop"):
-        raise _err(spec_path, f"duplicates must be 'error' or 'drop', got {duplicates!r}")
+        raise _err(spec_path, f"must be 'error' or 'drop', got {short_repr(duplicates)}", "duplicates")
     orientation = _check_orientation(spec.get("orientation", "LPS"), spec_path)
-    tolerance = float(spec.get("tolerance", DEFAULT_TOLERANCE))
-    allow_mixed = bool(spec.get("allow_mixed_channels", False))
+    tolerance = spec.get("tolerance", DEFAULT_TOLERANCE)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise _err(spec_path, f"must be a number >= 0 (e.g. 0.001), got {short_repr(tolerance)}", "tolerance")
+    allow_mixed = spec.get("allow_mixed_channels", False)
+    if not isinstance(allow_mixed, bool):
+        raise _err(spec_path, f"must be true or false, got {short_repr(allow_mixed)}", "allow_mixed_channels")
+    if not isinstance(spec.get("description", ""), str):
+        raise _err(spec_path, f"must be text, got {short_repr(spec['description'])}", "description")
     sources = spec["sources"]
     if not isinstance(sources, list) or not sources:
-        raise _err(spec_path, "'sources' must be a non-empty list")
+        raise _err(spec_path, f"must be a non-empty list of sources, got {short_repr(sources)}", "sources")
 
     plans, names, channel_ref = [], set(), None
     if spec.get("channel_names") is not None:
-        channel_ref = ("the spec's channel_names", {str(k): str(v) for k, v in dict(spec["channel_names"]).items()})
+        channel_ref = ("the spec's channel_names", _name_map(spec["channel_names"], spec_path, "channel_names"))
     used_targets = set()
     for i, s in enumerate(sources):
+        at = f"sources[{i}]"
         if not isinstance(s, dict):
-            raise _err(spec_path, f"source #{i + 1} must be a mapping, got {s!r}")
+            raise _err(spec_path, f"each source must be a mapping with 'name' and 'dataset' or 'images', got "
+                                  f"{short_repr(s)}", at)
         name = s.get("name")
         if not isinstance(name, str) or not _SOURCE_NAME_RE.match(name):
-            raise _err(spec_path, f"source #{i + 1}: 'name' must be letters, digits, '_' or '-', got {name!r}")
+            raise _err(spec_path, f"must be letters, digits, '_' or '-', got {short_repr(name)}", f"{at}.name")
         if name in names:
-            raise _err(spec_path, f"source name '{name}' is used twice")
+            raise _err(spec_path, f"source name '{name}' is used twice", f"{at}.name")
         names.add(name)
-        bad = sorted(set(s) - SOURCE_KEYS)
-        if bad:
-            raise _err(spec_path, f"source '{name}': unknown key(s) {bad}; known: {sorted(SOURCE_KEYS)}")
+        _unknown_keys(spec_path, s, SOURCE_KEYS, at, f"source '{name}': ")
         if ("dataset" in s) == ("images" in s):
             raise _err(spec_path, f"source '{name}': give exactly one of 'dataset' (a labelled nnU-Net raw "
-                                  "dataset) or 'images' (a folder of unlabelled scans)")
+                                  "dataset) or 'images' (a folder of unlabelled scans)", at)
         plan: dict[str, Any] = {"name": name}
         if "images" in s:
             if s.get("labels"):
-                raise _err(spec_path, f"source '{name}': an 'images' source is unlabelled and takes no 'labels'")
-            folder = os.path.abspath(os.path.join(spec_dir, str(s["images"])))
+                raise _err(spec_path, f"source '{name}': an 'images' source is unlabelled and takes no 'labels'",
+                           f"{at}.labels")
+            if not isinstance(s["images"], str) or not s["images"]:
+                raise _err(spec_path, f"source '{name}': must be a folder, got {short_repr(s['images'])}",
+                           f"{at}.images")
+            folder = os.path.abspath(os.path.join(spec_dir, s["images"]))
             plan.update(kind="images", folder=folder, display=folder, lut=None, annotated_default=[],
                         cases=_list_unlabelled(folder, name), source_labels={}, partial=None, provenance={})
-            chans = ({str(k): str(v) for k, v in dict(s["channel_names"]).items()} if s.get("channel_names")
-                     else None)
-            plan["channel_names"] = chans
+            plan["channel_names"] = (None if s.get("channel_names") is None
+                                     else _name_map(s["channel_names"], spec_path, f"{at}.channel_names"))
         else:
-            folder = _resolve_dataset(s["dataset"], root, spec_dir, name, spec_path)
+            folder = _resolve_dataset(s["dataset"], root, spec_dir, name, spec_path, f"{at}.dataset")
             dj_path = os.path.join(folder, "dataset.json")
-            if not os.path.isfile(dj_path):
-                raise ConversionError(f"source '{name}': {folder} has no dataset.json; is it an nnU-Net raw dataset? "
-                                      "Convert public releases first with 'nnunet-partial convert'. "
-                                      f"{describe_folder(folder)}")
-            with open(dj_path) as f:
-                dj = json.load(f)
+            dj = _load_source_json(folder, name)
             src_labels = _source_labels(dj, folder, name)
             mapping = s.get("labels") or {}
             if not isinstance(mapping, dict):
-                raise _err(spec_path, f"source '{name}': 'labels' must map target names to lists of source labels")
+                raise _err(spec_path, f"source '{name}': must map target names to lists of source labels (e.g. "
+                                      f"{{liver: [liver, tumor]}}), got {short_repr(mapping)}", f"{at}.labels")
             lut = np.zeros(max(src_labels.values()) + 1, dtype=np.uint8)
             by_value = {v: k for k, v in src_labels.items()}
             mapped_to: dict[int, str] = {}
             ann_targets, per_target_src = [], {}
             for tgt, src_list in mapping.items():
+                key = f"{at}.labels.{tgt}"
                 if tgt not in target_value:
-                    raise _err(spec_path, f"source '{name}': target label {tgt!r} is not in 'labels' {targets}")
+                    raise _err(spec_path, f"source '{name}': target label {short_repr(tgt)} is not in 'labels' "
+                                          f"{short_repr(targets)}", key)
                 if isinstance(src_list, (str, int)):
                     src_list = [src_list]
+                if not isinstance(src_list, list):
+                    raise _err(spec_path, f"source '{name}': must be a source label name or value, or a list of "
+                                          f"them, got {short_repr(src_list)}", key)
                 if not src_list:
-                    raise _err(spec_path, f"source '{name}': target {tgt!r} maps no source label")
+                    raise _err(spec_path, f"source '{name}': target {tgt!r} maps no source label", key)
                 vals = []
                 for sl in src_list:
                     if isinstance(sl, int) and not isinstance(sl, bool):
                         v = sl if sl in by_value else None
+                    elif isinstance(sl, str):
+                        v = src_labels.get(sl)
                     else:
-                        v = src_labels.get(str(sl))
+                        raise _err(spec_path, f"source '{name}': source labels are names or values, got "
+                                              f"{short_repr(sl)}", key)
                     if v is None or v == 0:
                         raise _err(spec_path, f"source '{name}': {sl!r} is not a foreground label of {folder} "
-                                              f"(its labels: {src_labels})")
+                                              f"(its labels: {short_repr(src_labels)})", key)
                     if v in mapped_to:
                         raise _err(spec_path, f"source '{name}': source label {by_value[v]!r} is mapped to both "
-                                              f"{mapped_to[v]!r} and {tgt!r}")
+                                              f"{mapped_to[v]!r} and {tgt!r}", key)
                     mapped_to[v] = tgt
                     lut[v] = target_value[tgt]
                     vals.append(v)
@@ -252,17 +363,21 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
                 used_targets.add(tgt)
             unmapped = [k for k, v in src_labels.items() if v and v not in mapped_to]
             if unmapped:
-                progress_note(f"merge: source '{name}': labels {unmapped} are not mapped to any target; their voxels "
-                              "become background")
+                progress_note(f"merge: source '{name}': labels {shorten(unmapped, 8)} are not mapped to any target; "
+                              "their voxels become background")
             from nnunet_partial.annotations import raw_training_cases
             try:
                 files = raw_training_cases(folder, dj)
             except Exception as e:  # noqa: BLE001 - nnU-Net raises assorted errors on broken folders
-                raise ConversionError(f"source '{name}': cannot list the cases of {folder}: {e}") from None
+                raise ConversionError(f"source '{name}': cannot list the cases of {folder}: {_first_line(e)}") from None
             if not files:
                 raise ConversionError(f"source '{name}': {folder} has no training case")
             partial = PartialAnnotations.from_dataset_json(dj, files.keys(), source=dj_path)
-            chans = {str(k): str(v) for k, v in dict(dj.get("channel_names", dj.get("modality", {}))).items()}
+            chans = dj.get("channel_names", dj.get("modality", {}))
+            if not isinstance(chans, dict):
+                raise ConversionError(f"source '{name}': {dj_path} has channel_names {short_repr(chans)}; expected a "
+                                      "mapping like {\"0\": \"CT\"}")
+            chans = {str(k): str(v) for k, v in chans.items()}
             plan.update(kind="dataset", folder=folder, display=os.path.basename(folder), lut=lut,
                         annotated_default=[t for t in targets if t in ann_targets], per_target_src=per_target_src,
                         cases={c: (f["images"], f["label"]) for c, f in files.items()}, source_labels=src_labels,
@@ -275,14 +390,15 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
             else:
                 ref_name, ref = channel_ref
                 if len(chans) != len(ref):
-                    raise ConversionError(f"source '{name}' has {len(chans)} channel(s) {chans} but {ref_name} has "
-                                          f"{len(ref)} {ref}; all cases of a dataset need the same channels")
+                    raise ConversionError(f"source '{name}' has {len(chans)} channel(s) {short_repr(chans)} but "
+                                          f"{ref_name} has {len(ref)} {short_repr(ref)}; all cases of a dataset need "
+                                          "the same channels")
                 kinds = [chans[k].strip().lower() for k in sorted(chans, key=int)]
                 ref_kinds = [ref[k].strip().lower() for k in sorted(ref, key=int)]
                 if kinds != ref_kinds and not allow_mixed:
-                    raise ConversionError(f"source '{name}' has channels {chans} but {ref_name} has {ref}: merging "
-                                          "different kinds of images (e.g. CT with MR) changes nnU-Net's "
-                                          "normalisation; set 'allow_mixed_channels: true' (or "
+                    raise ConversionError(f"source '{name}' has channels {short_repr(chans)} but {ref_name} has "
+                                          f"{short_repr(ref)}: merging different kinds of images (e.g. CT with MR) "
+                                          "changes nnU-Net's normalisation; set 'allow_mixed_channels: true' (or "
                                           "--allow-mixed-channels) if you mean it")
         plans.append(plan)
     if channel_ref is None:
@@ -292,7 +408,7 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
             progress_note(f"merge: target label {t!r} is annotated by no source; nnU-Net will never see it")
     n_channels = len(channel_ref[1])
 
-    jobs, seen = [], {}
+    jobs, seen, wrong_channels = [], {}, []
     for plan in plans:
         for original in sorted(plan["cases"]):
             if plan["kind"] == "images":
@@ -313,12 +429,16 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
             if original in plan["provenance"]:
                 prov["upstream"] = plan["provenance"][original]
             if len(images) != n_channels:
-                raise ConversionError(f"source '{plan['name']}' case '{original}': {len(images)} channel file(s) but the "
-                                      f"merged dataset has {n_channels} channel(s) {channel_ref[1]}")
+                wrong_channels.append((f"{plan['name']}/{original}", len(images)))
             jobs.append({"case": cid, "name": f"{plan['name']}/{original}", "images": list(images), "label": label,
                          "lut": plan["lut"], "defined": {v: k for k, v in plan["source_labels"].items()},
                          "dataset": f"source '{plan['name']}' ({plan['display']})", "annotated": annotated,
                          "provenance": prov, "orientation": orientation, "tolerance": tolerance})
+    if wrong_channels:
+        (case, n), more = wrong_channels[0], len(wrong_channels)
+        raise ConversionError(f"case '{case}': {n} channel file(s) but the merged dataset has {n_channels} channel(s) "
+                              f"{short_repr(channel_ref[1])}" + (f"; {more} cases have the wrong number of channel "
+                              f"files: {shorten(c for c, _ in wrong_channels)}" if more > 1 else ""))
     return {"targets": targets, "jobs": jobs, "duplicates": duplicates, "channel_names": channel_ref[1],
             "orientation": orientation, "plans": plans}
 
@@ -340,8 +460,8 @@ def merge_case(job: dict) -> dict:
         seg = read_image(job["label"], name, "label")
         check_geometry(ref, Geometry.of(seg), name, job["images"][0], job["label"], job["tolerance"])
         arr = sitk.GetArrayViewFromImage(seg)
-        values = present_values(arr, name, job["label"])
-        check_label_values(values, job["defined"], name, job["label"], job["dataset"])
+        values = present_values(arr, name, job["label"], job["images"][0])
+        check_label_values(values, job["defined"], name, job["label"], job["dataset"], image=job["images"][0])
         label = label_image_like(remap_labels(arr, job["lut"]), images[0])
         del seg, arr
         present = sorted({int(job["lut"][v]) for v in values} - {0})

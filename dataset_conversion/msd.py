@@ -5,7 +5,8 @@ as ``{"0": "background", "1": ...}``, ``training`` list of image/label pairs). M
 4D images (last axis = modality). The tarballs contain macOS ``._*`` AppleDouble files, skipped here.
 
 Reuses nnU-Net's own ``split_4d_nifti`` (from ``nnunetv2.dataset_conversion.convert_MSD_dataset``) to write
-the channel files, but case by case into the temporary folder, after checking every case.
+the channel files of 4D images, but case by case into the temporary folder, after checking every case; a 3D
+image is copied as ``split_4d_nifti`` copies it (without reading it a second time).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ import shutil
 import SimpleITK as sitk
 
 from dataset_conversion.common import (AtomicDataset, ConversionError, DEFAULT_TOLERANCE, Geometry, as_uint8_label,
-                                       check_file_complete, check_geometry, check_label_values, check_source_safe,
+                                       check_complete, check_geometry, check_label_values, check_source_safe,
                                        describe_folder, is_junk, present_values, read_header, read_image, run_cases,
-                                       summarize, write_dataset_json, write_image)
+                                       short_repr, shorten, summarize, write_dataset_json, write_image)
 
 _TASK_RE = re.compile(r"^Task(\d+)_(.+)$")
 
@@ -63,25 +64,23 @@ def convert_msd_case(job: dict) -> dict:
                               "(expected a 4D image)")
     if geo.dim not in (3, 4):
         raise ConversionError(f"case '{name}': image {image} is {geo.dim}D; expected 3D or 4D")
-    if geo.dim == 3:
-        read_image(image, name, "image")  # full decode: a damaged file must fail here, not in nnU-Net
-    else:
-        problem = check_file_complete(image)
-        if problem:
-            raise ConversionError(f"case '{name}': image file {image} cannot be used: {problem}")
+    check_complete(image, name, "image")  # a short or damaged file must fail here, not in nnU-Net
     result = {"case": job["case"], "values": None, "bytes": os.path.getsize(image)}
     if job.get("label"):
         seg = read_image(job["label"], name, "label")
         seg_geo = Geometry.of(seg)
         check_geometry(geo.spatial(), seg_geo, name, image, job["label"], job["tolerance"])
-        values = present_values(sitk.GetArrayViewFromImage(seg), name, job["label"])
-        check_label_values(values, job["defined"], name, job["label"], job["dataset"])
+        values = present_values(sitk.GetArrayViewFromImage(seg), name, job["label"], image)
+        check_label_values(values, job["defined"], name, job["label"], job["dataset"], image=image)
         if seg.GetPixelID() == sitk.sitkUInt8 and seg_geo == geo.spatial():
             shutil.copyfile(job["label"], job["out_label"])  # what nnU-Net's converter does
         else:
             write_image(as_uint8_label(seg, geo.spatial()), job["out_label"])
         result["values"] = values
         result["bytes"] += os.path.getsize(job["label"])
+    if geo.dim == 3:
+        shutil.copyfile(image, os.path.join(job["out_dir"], job["case"] + "_0000.nii.gz"))
+        return result
     try:
         split_4d_nifti(image, job["out_dir"])
     except RuntimeError as e:
@@ -113,9 +112,11 @@ def convert_msd(src: str, dataset_id: int = None, name: str = None, root: str = 
     except (AttributeError, TypeError, ValueError):
         raise ConversionError(f"{src}/dataset.json: 'modality' and 'labels' must map numbers to names") from None
     if len(labels) != len(dj["labels"]) or labels.get("background", 0) != 0 or 0 not in labels.values():
-        raise ConversionError(f"{src}/dataset.json: labels {dj['labels']} must be unique names with 0 = background")
+        raise ConversionError(f"{src}/dataset.json: labels {short_repr(dj['labels'])} must be unique names with "
+                              "0 = background")
     if sorted(labels.values()) != list(range(len(labels))):
-        raise ConversionError(f"{src}/dataset.json: label values {sorted(labels.values())} are not consecutive 0..K")
+        raise ConversionError(f"{src}/dataset.json: label values {shorten(sorted(labels.values()), 12)} are not "
+                              "consecutive 0..K")
     labels = dict(sorted(labels.items(), key=lambda kv: kv[1]))
     dataset = f"MSD {os.path.basename(src)}"
 
@@ -124,7 +125,8 @@ def convert_msd(src: str, dataset_id: int = None, name: str = None, root: str = 
         try:
             img_rel, lab_rel = entry["image"], entry["label"]
         except (TypeError, KeyError):
-            raise ConversionError(f"{src}/dataset.json: training entry {entry!r} lacks 'image'/'label'") from None
+            raise ConversionError(f"{src}/dataset.json: training entry {short_repr(entry)} lacks "
+                                  "'image'/'label'") from None
         case = _case_id(img_rel, src, "training image")
         if case in seen:
             raise ConversionError(f"case '{case}': listed twice in {src}/dataset.json")
@@ -133,6 +135,12 @@ def convert_msd(src: str, dataset_id: int = None, name: str = None, root: str = 
                       "label": os.path.normpath(os.path.join(src, lab_rel))})
     if not train:
         raise ConversionError(f"{src}/dataset.json lists no training case")
+    missing = [(c["case"], what, c[what]) for c in train for what in ("image", "label") if not os.path.exists(c[what])]
+    if missing:  # a partial download: name the first and count them, before any case is converted
+        case, what, path = missing[0]
+        more = (f"; {len(missing)} files listed in dataset.json are missing: "
+                f"{shorten(os.path.relpath(p, src) for _, _, p in missing)}" if len(missing) > 1 else "")
+        raise ConversionError(f"case '{case}': {what} file {path} is missing{more}")
     ts_dir = os.path.join(src, "imagesTs")
     test = []
     if os.path.isdir(ts_dir):

@@ -13,13 +13,24 @@ Schema (a key of nnU-Net's ``dataset.json``; nnU-Net copies the file into
 Every training case must be listed; names are keys of ``"labels"`` (never ``background``).
 No ``annotated_labels`` key means a stock, fully annotated nnU-Net dataset.
 
+Stage 1 of CoWAM (``nnunet-partial teachers`` / ``pseudolabel``, nnunet_partial/teachers.py) adds:
+
+- ``"pseudo_labels"`` (a pseudo-labelled dataset D̂): case id -> the label names whose voxels in the
+  case's label file were filled by a teacher network, never labels of ``annotated_labels`` (which
+  keeps the parent's true, manual annotation); ``"pseudo_labels_from"`` records how they were made.
+- ``"teacher_of"`` (a single-organ teacher dataset): ``{"dataset": parent name, "label": name,
+  "label_value": value in the parent}``.
+- the teacher registry ``teachers.json`` in the parent's ``nnUNet_preprocessed`` folder:
+  label name -> teacher dataset, trainer, plans, configurations, folds (:class:`TeacherRegistry`).
+
 This module is the one place that reads and validates the key and turns it into per-batch
 tensors. Errors are :class:`PartialLabelError` with the case and the fix in the message.
 """
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -27,6 +38,10 @@ import torch
 
 ANNOTATED_KEY = "annotated_labels"
 PROVENANCE_KEY = "case_provenance"
+PSEUDO_KEY = "pseudo_labels"
+PSEUDO_SOURCE_KEY = "pseudo_labels_from"
+TEACHER_OF_KEY = "teacher_of"
+TEACHER_REGISTRY_FILE = "teachers.json"
 
 
 class PartialLabelError(ValueError):
@@ -68,6 +83,8 @@ class PartialAnnotations:
 
     label_names: tuple[str, ...]        # foreground names, ordered by label value 1..K
     annotated: Mapping[str, frozenset]  # case id -> frozenset of label values
+    # case id -> label values filled by a teacher (``pseudo_labels``; cases without pseudo labels absent)
+    pseudo: Mapping[str, frozenset] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -90,30 +107,10 @@ class PartialAnnotations:
         if ANNOTATED_KEY not in dataset_json:
             return None
         name_to_value = _label_values(dataset_json)
-        raw = dataset_json[ANNOTATED_KEY]
-        if not isinstance(raw, Mapping):
-            raise PartialLabelError(f"{source}: '{ANNOTATED_KEY}' must map case ids to lists of label "
-                                    f"names, got {type(raw).__name__}")
-        annotated = {}
-        for case, names in raw.items():
-            if isinstance(names, str) or not isinstance(names, Sequence):
-                raise PartialLabelError(
-                    f"{source}: case '{case}': annotated labels must be a list of label names "
-                    f"(e.g. [\"liver\"] or [] for unlabelled), got {names!r}")
-            values = set()
-            for n in names:
-                if n == "background":
-                    raise PartialLabelError(
-                        f"{source}: case '{case}' lists 'background'; list only the organs that were "
-                        "annotated (background is implied).")
-                if n not in name_to_value:
-                    raise PartialLabelError(
-                        f"{source}: case '{case}' lists unknown label '{n}'. Known labels: "
-                        f"{sorted(name_to_value)}. Fix the name or add the label to 'labels'.")
-                values.add(name_to_value[n])
-            annotated[str(case)] = frozenset(values)
+        annotated = _label_sets(dataset_json[ANNOTATED_KEY], ANNOTATED_KEY, "annotated", name_to_value, source)
         names_by_value = tuple(sorted(name_to_value, key=name_to_value.get))
-        result = cls(label_names=names_by_value, annotated=annotated)
+        pseudo = _parse_pseudo_labels(dataset_json, name_to_value, annotated, source)
+        result = cls(label_names=names_by_value, annotated=annotated, pseudo=pseudo)
         if case_ids is not None:
             result.check_cases(case_ids, source)
         return result
@@ -132,11 +129,21 @@ class PartialAnnotations:
                 f"{source}: '{ANNOTATED_KEY}' names case '{unknown[0]}' (and {len(unknown) - 1} more) "
                 "that is not a training case of this dataset. Remove it or add the case's files.")
 
-    def check_present_labels(self, case: str, present: Iterable[int], where: str = "") -> None:
-        """Refuse a label map holding voxels of a label the case does not list as annotated."""
-        extra = sorted(set(int(v) for v in present) - {0} - set(self.annotated[case]))
+    def check_present_labels(self, case: str, present: Iterable[int], where: str = "",
+                             allow_pseudo: bool = False) -> None:
+        """Refuse a label map holding voxels of a label the case does not list as annotated
+        (``allow_pseudo``: nor as pseudo-labelled)."""
+        allowed = set(self.annotated[case]) | (set(self.pseudo.get(case, ())) if allow_pseudo else set())
+        extra = sorted(set(int(v) for v in present) - {0} - allowed)
         if extra:
             names = [self.label_names[v - 1] if 0 < v < self.num_classes else f"value {v}" for v in extra]
+            if set(extra) <= set(self.pseudo.get(case, ())):
+                # a trainer that reads annotated_labels only would take these pseudo voxels for manual ones
+                raise PartialLabelError(
+                    f"case '{case}'{where}: {names} are pseudo labels ('{PSEUDO_KEY}', made by nnunet-partial "
+                    "pseudolabel). Train this dataset with nnUNetTrainerCoWAMPseudo (it treats them as known and "
+                    "validates on the manual labels only) or stock nnUNetTrainer; train the other nnunet-partial "
+                    "trainers on the parent dataset.")
             raise PartialLabelError(
                 f"case '{case}'{where}: the label map contains {names} but '{ANNOTATED_KEY}' lists "
                 f"only {self.names_of(case)}. Either add them to the case's annotated labels or "
@@ -145,6 +152,14 @@ class PartialAnnotations:
     # ------------------------------------------------------------------ queries
     def names_of(self, case: str) -> list[str]:
         return [self.label_names[v - 1] for v in sorted(self.annotated[case])]
+
+    def pseudo_names_of(self, case: str) -> list[str]:
+        return [self.label_names[v - 1] for v in sorted(self.pseudo.get(case, ()))]
+
+    def with_pseudo_as_annotated(self) -> "PartialAnnotations":
+        """The training view of a pseudo-labelled dataset: every pseudo label counts as annotated."""
+        merged = {c: v | self.pseudo.get(c, frozenset()) for c, v in self.annotated.items()}
+        return PartialAnnotations(label_names=self.label_names, annotated=merged)
 
     def is_unlabelled(self, case: str) -> bool:
         return len(self.annotated[case]) == 0
@@ -199,7 +214,7 @@ def validate_raw_dataset(raw_dataset_folder: str, check_label_files: bool = True
             arr = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
         except RuntimeError as e:
             raise PartialLabelError(f"case '{case}': cannot read label file {label_file}: {e}") from None
-        annotations.check_present_labels(case, np.unique(arr), where=f" ({label_file})")
+        annotations.check_present_labels(case, np.unique(arr), where=f" ({label_file})", allow_pseudo=True)
     return annotations
 
 
@@ -219,3 +234,180 @@ def validate_preprocessed(annotations: PartialAnnotations, preprocessed_folder: 
         locations = load_pickle(pkl).get("class_locations", {})
         present = [k for k, v in locations.items() if not isinstance(k, tuple) and len(v) > 0]
         annotations.check_present_labels(case, present, where=" (preprocessed)")
+
+
+def _label_sets(raw, key: str, what: str, name_to_value: Mapping[str, int], source: str) -> dict[str, frozenset]:
+    """``{case: [label names]}`` of the key ``key`` -> ``{case: frozenset of label values}``, validated."""
+    if not isinstance(raw, Mapping):
+        raise PartialLabelError(f"{source}: '{key}' must map case ids to lists of label "
+                                f"names, got {type(raw).__name__}")
+    out = {}
+    for case, names in raw.items():
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise PartialLabelError(
+                f"{source}: case '{case}': {what} labels must be a list of label names "
+                f"(e.g. [\"liver\"] or [] for unlabelled), got {names!r}")
+        values = set()
+        for n in names:
+            if n == "background":
+                raise PartialLabelError(
+                    f"{source}: case '{case}' lists 'background'; list only the organs that were "
+                    f"{what} (background is implied).")
+            if n not in name_to_value:
+                raise PartialLabelError(
+                    f"{source}: case '{case}' lists unknown label '{n}'. Known labels: "
+                    f"{sorted(name_to_value)}. Fix the name or add the label to 'labels'.")
+            values.add(name_to_value[n])
+        out[str(case)] = frozenset(values)
+    return out
+
+
+# ---------------------------------------------------------------------------- stage 1: pseudo labels, teachers
+def _parse_pseudo_labels(dataset_json: Mapping, name_to_value: Mapping[str, int], annotated: Mapping[str, frozenset],
+                         source: str) -> dict[str, frozenset]:
+    """``pseudo_labels`` -> case id -> label values; ``{}`` without the key. A pseudo label must be a label the
+    case does not annotate (a manual label always wins) of a case listed in ``annotated_labels``."""
+    if PSEUDO_KEY not in dataset_json:
+        return {}
+    pseudo = _label_sets(dataset_json[PSEUDO_KEY], PSEUDO_KEY, "pseudo", name_to_value, source)
+    for case, values in pseudo.items():
+        if case not in annotated:
+            raise PartialLabelError(f"{source}: '{PSEUDO_KEY}' names case '{case}', which is not in "
+                                    f"'{ANNOTATED_KEY}'. Every pseudo-labelled case keeps its manual annotation "
+                                    "there ([] if it has none).")
+        both = sorted(values & annotated[case])
+        if both:
+            names = [n for n, v in name_to_value.items() if v in both]
+            raise PartialLabelError(f"{source}: case '{case}' lists {names} both as annotated and as pseudo labels; "
+                                    "a manual label always wins, so remove them from its pseudo labels.")
+    if PSEUDO_SOURCE_KEY in dataset_json:
+        check_pseudo_source(dataset_json[PSEUDO_SOURCE_KEY], source)
+    return {c: v for c, v in pseudo.items() if v}
+
+
+PSEUDO_SOURCE_FIELDS = {"parent": str, "configuration": str, "fold": str, "trainer": str, "plans": str,
+                        "threshold": float, "teachers": Mapping}
+
+
+def check_pseudo_source(value, source: str = "dataset.json") -> dict:
+    """Validate ``pseudo_labels_from`` (how ``pseudolabel`` made the pseudo labels)."""
+    if not isinstance(value, Mapping):
+        raise PartialLabelError(f"{source}: '{PSEUDO_SOURCE_KEY}' must be a dict, got {type(value).__name__}")
+    for name, kind in PSEUDO_SOURCE_FIELDS.items():
+        v = value.get(name)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) if kind is float else isinstance(v, kind)
+        if not ok:
+            raise PartialLabelError(f"{source}: '{PSEUDO_SOURCE_KEY}.{name}' must be a {kind.__name__}, got {v!r}; "
+                                    "the key is written by nnunet-partial pseudolabel, re-run it instead of editing")
+    if not 0.0 <= float(value["threshold"]) < 1.0:
+        raise PartialLabelError(f"{source}: '{PSEUDO_SOURCE_KEY}.threshold' must be in [0, 1), "
+                                f"got {value['threshold']!r}")
+    return dict(value)
+
+
+def check_teacher_of(dataset_json: Mapping, source: str = "dataset.json") -> Optional[dict]:
+    """Validate ``teacher_of`` of a teacher dataset (binary labels, parent and label named); None without it."""
+    value = dataset_json.get(TEACHER_OF_KEY)
+    if value is None:
+        return None
+    if not (isinstance(value, Mapping) and isinstance(value.get("dataset"), str) and isinstance(value.get("label"), str)
+            and isinstance(value.get("label_value"), int)):
+        raise PartialLabelError(f"{source}: '{TEACHER_OF_KEY}' must be {{\"dataset\": parent name, \"label\": name, "
+                                f"\"label_value\": int}}, got {value!r}")
+    labels = {k: v for k, v in dataset_json.get("labels", {}).items()}
+    if labels != {"background": 0, value["label"]: 1}:
+        raise PartialLabelError(f"{source}: a teacher dataset must have the labels {{'background': 0, "
+                                f"'{value['label']}': 1}}, got {labels}")
+    return dict(value)
+
+
+@dataclass(frozen=True)
+class TeacherEntry:
+    """One single-organ teacher: its nnU-Net dataset and how it is (to be) trained."""
+    label: str
+    label_value: int
+    dataset: str                 # DatasetXXX_Name of the teacher
+    dataset_id: int
+    trainer: str
+    plans: str
+    configurations: tuple
+    folds: tuple                 # fold names as nnU-Net writes them: "0".."4" or "all"
+    n_cases: int
+
+    def results_folder(self, results_root: str, configuration: str, trainer: Optional[str] = None) -> str:
+        """nnU-Net's ``<results>/<dataset>/<trainer>__<plans>__<configuration>``."""
+        return os.path.join(results_root, self.dataset, f"{trainer or self.trainer}__{self.plans}__{configuration}")
+
+
+@dataclass(frozen=True)
+class TeacherRegistry:
+    """``teachers.json``: label name -> :class:`TeacherEntry`, for one parent dataset."""
+    parent: str
+    teachers: Mapping[str, TeacherEntry]
+
+    FORMAT = 1
+
+    @classmethod
+    def from_json(cls, data, dataset_json: Optional[Mapping] = None,
+                  source: str = TEACHER_REGISTRY_FILE) -> "TeacherRegistry":
+        """Parse and validate; with ``dataset_json`` (the parent's) every label must be one of its labels."""
+        fix = "re-run nnunet-partial teachers to rewrite it"
+        if not isinstance(data, Mapping) or data.get("format") != cls.FORMAT or not isinstance(data.get("parent"), str) \
+                or not isinstance(data.get("teachers"), Mapping):
+            raise PartialLabelError(f"{source}: not a teacher registry of format {cls.FORMAT} (keys 'format', "
+                                    f"'parent', 'teachers'); {fix}")
+        values = _label_values(dataset_json) if dataset_json is not None else None
+        teachers = {}
+        for label, e in data["teachers"].items():
+            where = f"{source}: teacher of '{label}'"
+            try:
+                entry = TeacherEntry(label=str(label), label_value=int(e["label_value"]), dataset=str(e["dataset"]),
+                                     dataset_id=int(e["dataset_id"]), trainer=str(e["trainer"]), plans=str(e["plans"]),
+                                     configurations=tuple(str(c) for c in e["configurations"]),
+                                     folds=tuple(str(f) for f in e["folds"]), n_cases=int(e["n_cases"]))
+            except (KeyError, TypeError, ValueError) as err:
+                raise PartialLabelError(f"{where}: missing or malformed field ({err!r}); {fix}") from None
+            if values is not None and values.get(entry.label) != entry.label_value:
+                raise PartialLabelError(f"{where}: the parent {data['parent']} has no label '{label}' of value "
+                                        f"{entry.label_value} (its labels: {values}); {fix}")
+            if not entry.dataset.startswith(f"Dataset{entry.dataset_id:03d}_"):
+                raise PartialLabelError(f"{where}: dataset '{entry.dataset}' does not match id {entry.dataset_id}; {fix}")
+            bad = [f for f in entry.folds if f != "all" and not f.isdigit()]
+            if bad:
+                raise PartialLabelError(f"{where}: folds must be integers or 'all', got {bad}; {fix}")
+            teachers[entry.label] = entry
+        return cls(parent=data["parent"], teachers=teachers)
+
+    def to_json(self) -> dict:
+        return {"format": self.FORMAT, "parent": self.parent, "teachers": {
+            label: {"label_value": e.label_value, "dataset": e.dataset, "dataset_id": e.dataset_id,
+                    "trainer": e.trainer, "plans": e.plans, "configurations": list(e.configurations),
+                    "folds": list(e.folds), "n_cases": e.n_cases}
+            for label, e in sorted(self.teachers.items(), key=lambda kv: kv[1].label_value)}}
+
+
+def load_teacher_registry(preprocessed_folder: str, dataset_json: Optional[Mapping] = None) -> Optional[TeacherRegistry]:
+    """The registry of the parent whose ``nnUNet_preprocessed`` folder is given; None when there is none."""
+    path = os.path.join(preprocessed_folder, TEACHER_REGISTRY_FILE)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PartialLabelError(f"{path}: cannot read the teacher registry ({e}); re-run nnunet-partial teachers") from None
+    registry = TeacherRegistry.from_json(data, dataset_json, source=path)
+    expected = os.path.basename(os.path.normpath(preprocessed_folder))
+    if registry.parent != expected:
+        raise PartialLabelError(f"{path}: the registry is for '{registry.parent}', not '{expected}' (copied from "
+                                "another dataset?); delete it and re-run nnunet-partial teachers")
+    return registry
+
+
+def save_teacher_registry(registry: TeacherRegistry, preprocessed_folder: str) -> str:
+    path = os.path.join(preprocessed_folder, TEACHER_REGISTRY_FILE)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(registry.to_json(), f, indent=2)
+    os.replace(tmp, path)  # never half a registry for a concurrent reader
+    return path

@@ -10,6 +10,9 @@ COMMAND_MODULES = (
     "nnunet_partial.commands.env",
     "nnunet_partial.commands.check",
     "nnunet_partial.commands.evaluate",
+    "nnunet_partial.commands.find_best",
+    "nnunet_partial.commands.teachers",
+    "nnunet_partial.commands.pseudolabel",
     "nnunet_partial.commands.demo",
     "dataset_conversion.cli",
 )

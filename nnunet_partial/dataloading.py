@@ -1,4 +1,14 @@
-"""Two-stream sampling (Mean Teacher's ``TwoStreamBatchSampler``) inside nnU-Net's data loader.
+"""Case sampling inside nnU-Net's data loader: annotation-aware batches (every partial-label trainer)
+and two-stream batches (Mean Teacher's ``TwoStreamBatchSampler``). Only the case selection
+(``get_indices``) changes; cropping, foreground oversampling and augmentation are nnU-Net's.
+
+Annotation-aware (:class:`AnnotationAwareDataLoader`): stock nnU-Net draws the cases of a batch
+uniformly with replacement, so with batch 2 and four single-organ sources half the 3d batches hold
+no case annotating a given organ. Here ``min(batch_size, K)`` positions go to one case annotating
+each of the next labels of a shuffled label stream (every label equally often), the rest are drawn
+as nnU-Net draws them.
+
+Two-stream (:class:`TwoStreamDataLoader`):
 
 Every batch holds exactly ``labeled_batch_size`` labelled cases and ``batch_size -
 labeled_batch_size`` unlabelled ones. Each stream is an endless sequence of random permutations
@@ -75,6 +85,27 @@ def split_labelled_unlabelled(identifiers: Sequence[str], annotations: Optional[
             f"{trainer_name}: every training case of this fold is unlabelled; at least one case with annotated "
             "labels is needed for the supervised loss.")
     return labelled, unlabelled
+
+
+class AnnotationAwareDataLoader(nnUNetDataLoader):
+    """``nnUNetDataLoader`` whose batches hold, as far as the batch size allows, a case annotating each
+    label. The guaranteed cases come last: the positions nnU-Net's default rule crops around
+    foreground, which for them is an annotated organ. All other arguments are ``nnUNetDataLoader``'s."""
+
+    def __init__(self, data, batch_size: int, *args, annotations: PartialAnnotations, **kwargs):
+        super().__init__(data, batch_size, *args, **kwargs)
+        cases = list(self.indices)
+        by_label = {v: [c for c in cases if v in annotations.annotated[c]] for v in sorted(annotations.all_labels)}
+        self.cases_by_label = {v: c for v, c in by_label.items() if c}  # a label nobody annotates: nothing to pick
+        self.label_stream = ShuffledStream(list(self.cases_by_label)) if self.cases_by_label else None
+
+    def get_indices(self):
+        if self.label_stream is None:
+            return super().get_indices()
+        guaranteed = [self.cases_by_label[v][np.random.randint(len(self.cases_by_label[v]))]
+                      for v in self.label_stream.take(min(self.batch_size, len(self.cases_by_label)))]
+        rest = list(np.random.choice(self.indices, self.batch_size - len(guaranteed), replace=True))
+        return rest + guaranteed
 
 
 class TwoStreamDataLoader(nnUNetDataLoader):

@@ -8,6 +8,7 @@ prediction or the reference of a label is empty (Dice already shows that failure
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -25,17 +26,82 @@ def nanmean(values) -> float:
     return float(arr.mean()) if arr.size else float("nan")
 
 
+def predicted_label_voxels(prediction_folder: str, file_ending: str, label_values) -> Optional[dict]:
+    """``{value: voxels predicted as it, summed over every file of the folder, "n_cases": files}``;
+    None when the folder holds no prediction."""
+    import SimpleITK as sitk
+    if not os.path.isdir(prediction_folder):
+        return None
+    files = sorted(f for f in os.listdir(prediction_folder) if f.endswith(file_ending))
+    if not files:
+        return None
+    counts = {int(v): 0 for v in label_values}
+    for f in files:
+        values, n = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(os.path.join(prediction_folder, f))),
+                              return_counts=True)
+        for v, c in zip(values.tolist(), n.tolist()):
+            if v in counts:
+                counts[v] += c
+    counts["n_cases"] = len(files)
+    return counts
+
+
+# ---------------------------------------------------------------------- repeated runs
+LOST_ORGAN_DICE = 0.1  # an organ whose test Dice is below this is "lost" by the run
+
+
+def summarize_runs(runs: list, labels: list) -> dict:
+    """Aggregate repeated runs (each an :func:`evaluate_folders` result, or its ``mean`` /
+    ``foreground_mean`` part): per label and overall Dice/HD95 mean ± sd over runs, the lost-organ
+    rate (run × label pairs with Dice < ``LOST_ORGAN_DICE``; a missing Dice counts as lost) and the
+    number of runs that lost at least one organ."""
+    out = {"n_runs": len(runs), "labels": {}}
+    lost_pairs, runs_losing = 0, 0
+    for metric in ("Dice", "HD95"):
+        for label in labels + ["mean"]:
+            vals = np.array([(r["foreground_mean"] if label == "mean" else r["mean"][label])[metric]
+                             for r in runs], dtype=float)
+            finite = vals[np.isfinite(vals)]
+            out["labels"].setdefault(label, {})[metric] = (
+                float(finite.mean()) if finite.size else float("nan"),
+                float(finite.std(ddof=1)) if finite.size > 1 else float("nan"))
+    for r in runs:
+        lost = [lbl for lbl in labels if not (r["mean"][lbl]["Dice"] or 0) >= LOST_ORGAN_DICE]
+        lost_pairs += len(lost)
+        runs_losing += bool(lost)
+    out["lost_pairs"], out["pairs"], out["runs_losing_an_organ"] = lost_pairs, len(runs) * len(labels), runs_losing
+    if runs and "train_seconds" in runs[0]:
+        out["train_seconds"] = nanmean(r.get("train_seconds") or float("nan") for r in runs)
+    return out
+
+
+def format_run_summary(name: str, summary: dict, labels: Optional[list] = None) -> str:
+    """One block of text: Dice and HD95 mean ± sd per label, and the lost-organ counts."""
+    labels = labels or [k for k in summary["labels"] if k != "mean"]
+    cols = labels + ["mean"]
+    lines = [f"{name}: {summary['n_runs']} runs; organs lost (Dice < {LOST_ORGAN_DICE}): "
+             f"{summary['lost_pairs']} of {summary['pairs']} run x organ pairs, in "
+             f"{summary['runs_losing_an_organ']} of {summary['n_runs']} runs"
+             + (f"; train {summary['train_seconds']:.0f} s per run" if np.isfinite(summary.get("train_seconds", np.nan))
+                else "")]
+    lines.append("  " + f"{'':6}" + "".join(f"{c:>16}" for c in cols))
+    for metric, digits in (("Dice", 3), ("HD95", 1)):
+        cells = []
+        for c in cols:
+            m, s = summary["labels"][c][metric]
+            cells.append("n/a" if not np.isfinite(m) else f"{m:.{digits}f} ± {s:.{digits}f}" if np.isfinite(s)
+                         else f"{m:.{digits}f}")
+        lines.append("  " + f"{metric:6}" + "".join(f"{c:>16}" for c in cells))
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------- nnU-Net's summary.json
-def rewrite_summary_partial_aware(summary_file: str, annotations: PartialAnnotations, file_ending: str) -> dict:
-    """Recompute the means of an nnU-Net ``summary.json`` over annotated (case, label) pairs only.
+def partial_aware_summary(summary: dict, annotations: PartialAnnotations, file_ending: str) -> dict:
+    """The partial-aware rule on an nnU-Net summary dict (as ``compute_metrics_on_folder`` returns it).
 
-    The stock file is kept beside it as ``summary_all_labels_everywhere.json``; per-case entries
-    gain ``"annotated": true/false`` for each label.
+    Means per label are taken over the cases that annotate the label only (``n_cases_annotated``
+    says how many); per-case entries gain ``"annotated": true/false``. Changes ``summary`` in place.
     """
-    from nnunetv2.evaluation.evaluate_predictions import load_summary_json, save_summary_json
-
-    summary = load_summary_json(summary_file)
-    save_summary_json(summary, summary_file.replace(".json", "_all_labels_everywhere.json"))
     per_label: dict = {}
     for entry in summary["metric_per_case"]:
         case = os.path.basename(entry["reference_file"])[: -len(file_ending)]
@@ -54,7 +120,42 @@ def rewrite_summary_partial_aware(summary_file: str, annotations: PartialAnnotat
     fg = [m for lbl, m in means.items() if lbl != 0]
     summary["foreground_mean"] = {k: nanmean(m[k] for m in fg) for k in fg[0]} if fg else {}
     summary["partial_aware"] = True
+    return summary
+
+
+def rewrite_summary_partial_aware(summary_file: str, annotations: PartialAnnotations, file_ending: str) -> dict:
+    """Recompute the means of an nnU-Net ``summary.json`` over annotated (case, label) pairs only.
+
+    The stock file is kept beside it as ``summary_all_labels_everywhere.json``; per-case entries
+    gain ``"annotated": true/false`` for each label.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json, save_summary_json
+
+    summary = load_summary_json(summary_file)
+    save_summary_json(summary, summary_file.replace(".json", "_all_labels_everywhere.json"))
+    summary = partial_aware_summary(summary, annotations, file_ending)
     save_summary_json(summary, summary_file)
+    return summary
+
+
+def compute_metrics_on_folder_partial_aware(annotations: PartialAnnotations, folder_ref: str, folder_pred: str,
+                                            output_file: Optional[str], image_reader_writer, file_ending: str,
+                                            regions_or_labels, ignore_label=None, num_processes: int = 2,
+                                            chill: bool = True) -> dict:
+    """nnU-Net's ``compute_metrics_on_folder`` (same arguments after ``annotations``, same file layout)
+    with the partial-aware means; the stock summary is kept beside as ``*_all_labels_everywhere.json``.
+
+    Bind ``annotations`` with ``functools.partial`` to drop it into nnU-Net code in place of the stock function.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder, save_summary_json
+
+    stock = compute_metrics_on_folder(folder_ref, folder_pred, None, image_reader_writer, file_ending,
+                                      regions_or_labels, ignore_label, num_processes, chill)
+    if output_file is not None:
+        save_summary_json(stock, output_file[: -len(".json")] + "_all_labels_everywhere.json")
+    summary = partial_aware_summary(copy.deepcopy(stock), annotations, file_ending)
+    if output_file is not None:
+        save_summary_json(summary, output_file)
     return summary
 
 

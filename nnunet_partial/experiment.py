@@ -113,4 +113,5 @@ def load_trainer(trainer_cls, dataset_name: str, configuration: str = "3d_fullre
 
 
 def _is_epoch_summary(line: str) -> bool:
-    return any(k in line for k in ("Epoch time", "Pseudo dice", "Mean Validation Dice", "Partial-aware mean"))
+    return any(k in line for k in ("Epoch time", "Pseudo dice", "Mean Validation Dice", "Partial-aware mean",
+                                   "WARNING"))

@@ -6,14 +6,18 @@ spine and four organs. Liver and spleen have nearly the same intensity (60 vs 64
 size, organ position, size and intensity.
 
 Label values: 1 liver, 2 kidney (both kidneys), 3 spleen, 4 pancreas.
+
+Benchmark scenarios (``SCENARIOS``, used by ``scripts/benchmark_suite.py``) are built from the same
+generator: an *anatomy* (``ANATOMIES``: organ shapes and intensities) and the datasets a scenario
+trains on, each with a fully labelled oracle on the very same images.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
-from typing import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,8 +47,33 @@ _ORGAN_TEMPLATE = (
 )
 
 
-def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE) -> tuple[np.ndarray, np.ndarray]:
-    """One case: (image int16 (z, y, x), label uint8 (z, y, x)), fully labelled."""
+def _variant(template: tuple, changes: Mapping[int, dict]) -> tuple:
+    """The template with some ellipsoids (by position) changed; the order, and so every case's random
+    draws, stay as in the template."""
+    return tuple(replace(e, **changes.get(i, {})) for i, e in enumerate(template))
+
+
+# Named anatomies. Every variant keeps the five ellipsoids in the same order, so a seed gives the same
+# body, positions and noise in every anatomy; only the changed organs differ.
+ANATOMIES = {
+    "default": _ORGAN_TEMPLATE,
+    # Both kidneys take the spleen's intensity (64 HU), so kidney, spleen and liver (60 HU) differ by
+    # shape and position only; the pancreas becomes thin and small (a quarter of its volume).
+    "hard": _variant(_ORGAN_TEMPLATE, {2: {"hu": 64.0}, 3: {"hu": 64.0},
+                                       4: {"radii": (0.07, 0.035, 0.13)}}),
+    # Small structures (nnU-Net's deep-supervision downsampling drops them): small kidneys and a
+    # pancreas a few voxels thick.
+    "small": _variant(_ORGAN_TEMPLATE, {2: {"radii": (0.09, 0.045, 0.04)}, 3: {"radii": (0.09, 0.045, 0.04)},
+                                        4: {"radii": (0.06, 0.03, 0.10)}}),
+}
+
+
+def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
+                 anatomy: str = "default") -> tuple[np.ndarray, np.ndarray]:
+    """One case: (image int16 (z, y, x), label uint8 (z, y, x)), fully labelled; ``anatomy`` names an
+    entry of ``ANATOMIES``."""
+    if anatomy not in ANATOMIES:
+        raise ValueError(f"unknown anatomy {anatomy!r}; known: {sorted(ANATOMIES)}")
     rng = np.random.default_rng(seed)
     shape = tuple(int(s) for s in shape)
     zz, yy, xx = np.meshgrid(*[np.linspace(0, 1, s, endpoint=False) + 0.5 / s for s in shape], indexing="ij")
@@ -60,7 +89,7 @@ def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE) -> tuple[np.nd
     spine = ((yy - 0.80) / 0.07) ** 2 + ((xx - 0.5) / 0.07) ** 2 <= 1
     image[spine] = 400.0
 
-    for organ in _ORGAN_TEMPLATE:
+    for organ in ANATOMIES[anatomy]:
         c = np.array(organ.center) + rng.normal(0, 0.025, 3)
         r = np.array(organ.radii) * scale * rng.uniform(0.85, 1.15, 3)
         # a random tilt in the axial plane makes shapes less uniform
@@ -98,14 +127,16 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           sources: Mapping[str, Sequence[str]] = SINGLE_ORGAN_SOURCES,
                           cases_per_source: int = 4, n_full: int = 0, n_unlabelled: int = 0,
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                          partial: bool = True) -> str:
+                          partial: bool = True, anatomy: str = "default") -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
     ``sources`` maps a source name to the organs it annotates; each source contributes
     ``cases_per_source`` cases whose label files hold only those organs. ``n_full`` fully
     labelled and ``n_unlabelled`` unlabelled (all-background) cases are added. With
     ``partial=False`` every case keeps its full labels and no ``annotated_labels`` is written
-    (the oracle dataset on the very same images).
+    (the oracle dataset on the very same images). Case ``i`` of the plan (sources in order, then
+    full, then unlabelled) is phantom ``seed * 100003 + i``: datasets with the same plan prefix share
+    those images.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
@@ -123,7 +154,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
         for i, (src, organs) in enumerate(plan):
             counters[src] = counters.get(src, 0) + 1
             case = f"{src}_{counters[src]:03d}"
-            image, label = make_phantom(seed * 100003 + i, shape)
+            image, label = make_phantom(seed * 100003 + i, shape, anatomy)
             if partial:
                 label = _keep_labels(label, [LABELS[o] for o in organs])
             write_nifti(image, os.path.join(tmp, "imagesTr", f"{case}_0000.nii.gz"))
@@ -140,13 +171,100 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     return final
 
 
-def write_test_set(folder: str, n: int, shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 10_000) -> tuple[str, str]:
+def write_test_set(folder: str, n: int, shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 10_000,
+                   anatomy: str = "default") -> tuple[str, str]:
     """Fully labelled test cases: ``folder/imagesTs`` (nnU-Net input naming) and ``folder/labelsTs``."""
     images, labels = os.path.join(folder, "imagesTs"), os.path.join(folder, "labelsTs")
     os.makedirs(images, exist_ok=True)
     os.makedirs(labels, exist_ok=True)
     for i in range(n):
-        image, label = make_phantom(seed + i, shape)
+        image, label = make_phantom(seed + i, shape, anatomy)
         write_nifti(image, os.path.join(images, f"test_{i:03d}_0000.nii.gz"))
         write_nifti(label, os.path.join(labels, f"test_{i:03d}.nii.gz"))
     return images, labels
+
+
+# ---------------------------------------------------------------------- benchmark scenarios
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset of a scenario: keyword arguments of ``writer`` besides ``raw_root``, ``dataset_id``,
+    ``name``, ``seed`` and ``shape``, which the benchmark passes. A scenario that needs other metadata
+    (weak or class labels) gives a writer of its own with that signature."""
+    kwargs: Mapping = field(default_factory=dict)
+    writer: Callable[..., str] = write_partial_dataset
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark scenario: the datasets it trains on and how it is scored.
+
+    ``datasets`` holds ``"partial"`` (what the methods train on) and ``"oracle"`` (the same images,
+    fully labelled; the oracle row is stock ``nnUNetTrainer`` on it), and any others. A trainer (base
+    name, no schedule suffix) trains on ``"partial"`` unless ``trainer_datasets`` names another key for
+    it; ``not_applicable`` maps trainers that cannot run here to the reason. The fully labelled test
+    set is drawn from ``anatomy``. Headroom = oracle minus naive, and oracle minus ``supervised``.
+    """
+    name: str
+    description: str
+    datasets: Mapping[str, DatasetSpec]
+    anatomy: str = "default"
+    trainer_datasets: Mapping[str, str] = field(default_factory=dict)
+    not_applicable: Mapping[str, str] = field(default_factory=dict)
+    supervised: str = "nnUNetTrainerPartial"
+
+    def dataset_for(self, trainer: str) -> Optional[str]:
+        """Dataset key a trainer trains on here, None when it does not apply."""
+        if trainer in self.not_applicable:
+            return None
+        return self.trainer_datasets.get(trainer, "partial")
+
+
+# trainers that need unlabelled cases in the training split
+SEMI_SUPERVISED_TRAINERS = ("nnUNetTrainerMeanTeacher",)
+
+
+def _partial_and_oracle(anatomy: str = "default", **plan) -> dict:
+    """A partial dataset and its oracle: the same plan, hence the same images, all organs labelled."""
+    return {"partial": DatasetSpec({**plan, "anatomy": anatomy}),
+            "oracle": DatasetSpec({**plan, "anatomy": anatomy, "partial": False})}
+
+
+def _without_unlabelled() -> dict:
+    return {t: "no unlabelled cases in this scenario" for t in SEMI_SUPERVISED_TRAINERS}
+
+
+def few_labels(cases_per_source: int = 3, n_unlabelled: int = 12) -> Scenario:
+    return Scenario("few-labels", f"{cases_per_source} cases per single-organ source + {n_unlabelled} unlabelled",
+                    _partial_and_oracle(cases_per_source=cases_per_source, n_unlabelled=n_unlabelled))
+
+
+def hard_anatomy(cases_per_source: int = 4) -> Scenario:
+    return Scenario("hard-anatomy", f"kidneys with the spleen's intensity, thin small pancreas; "
+                                    f"{cases_per_source} cases per single-organ source",
+                    _partial_and_oracle("hard", cases_per_source=cases_per_source), anatomy="hard",
+                    not_applicable=_without_unlabelled())
+
+
+def semi(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
+    """Mean Teacher's setting. Supervised-only = nnUNetTrainerPartial on the labelled cases alone; the
+    labelled cases come first in every plan, so all three datasets share their images."""
+    return Scenario(
+        "semi", f"{n_labelled} fully labelled + {n_unlabelled} unlabelled cases",
+        {"partial": DatasetSpec({"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled}),
+         "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
+         "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
+        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+
+
+def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenario:
+    return Scenario("small-structures", f"small kidneys and pancreas; {cases_per_source} cases per source + "
+                                        f"{n_unlabelled} unlabelled",
+                    _partial_and_oracle("small", cases_per_source=cases_per_source, n_unlabelled=n_unlabelled),
+                    anatomy="small")
+
+
+# name -> function returning a Scenario (keyword arguments change its sizes). Weak-label or
+# class-label scenarios plug in here as one function each, with a DatasetSpec writer that adds
+# their metadata.
+SCENARIOS: dict = {"few-labels": few_labels, "hard-anatomy": hard_anatomy, "semi": semi,
+                   "small-structures": small_structures}

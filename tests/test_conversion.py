@@ -3,8 +3,10 @@ dataset. Drives the real command line (``nnunet_partial.cli.main`` in-process, a
 fake release trees (tests/conversion_fakes.py) and on the real MR scan of ../shared/data/totalseg_mr."""
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -322,6 +324,118 @@ def test_content_hashes_find_reoriented_and_reheadered_copies():
     assert not set(h) & set(content_hashes([other]))
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_dataset_modes_follow_the_umask(tmp_path, root, capsys, umask):
+    """Converted and merged datasets are as readable as any new folder (not 0700 like a mkdtemp folder), also when
+    a source file is private (shutil.copy would carry its mode)."""
+    lits = tmp_path / "LiTS"
+    cf.make_lits_tree(str(lits), numbers=(0, 1), test_numbers=(2,))
+    spleen = cf.make_msd_tree(str(tmp_path), "Task09_Spleen", numbers=(1,), test_numbers=(2,))
+    for info in spleen.values():  # MSD 3D images and uint8 labels are copied
+        for f in (info["image"], info.get("label")):
+            if f:
+                os.chmod(f, 0o600)
+    old = os.umask(umask)
+    try:
+        assert cli(capsys, "convert", "lits", lits, "-d", 501, "-o", root, "-np", 2)[0] == 0
+        assert cli(capsys, "convert", "msd", tmp_path / "Task09_Spleen", "-d", 509, "-o", root)[0] == 0
+        spec = _spec(tmp_path, "dataset_id: 510\ndataset_name: M\nlabels: [liver, spleen]\nsources:\n"
+                               "  - {name: lits, dataset: 501, labels: {liver: [liver, tumor]}}\n"
+                               "  - {name: spleen, dataset: 509, labels: {spleen: spleen}}\n")
+        assert cli(capsys, "merge", spec, "-o", root)[0] == 0
+    finally:
+        os.umask(old)
+    dir_mode, file_mode = 0o777 & ~umask, 0o666 & ~umask
+    assert (dir_mode, file_mode) == {0o022: (0o755, 0o644), 0o002: (0o775, 0o664)}[umask]
+    for name in ("Dataset501_LiTS", "Dataset509_Spleen", "Dataset510_M"):
+        n_files = 0
+        for dirpath, _, files in os.walk(root / name):
+            assert os.stat(dirpath).st_mode & 0o777 == dir_mode, dirpath
+            for f in files:
+                assert os.stat(os.path.join(dirpath, f)).st_mode & 0o777 == file_mode, f
+                n_files += 1
+        assert n_files >= 4
+
+
+def _nifti_variants(folder):
+    """{name: path} of .nii.gz files as the releases and tools write them: SimpleITK (several pixel types),
+    nibabel (slice axis first, NaN scl_slope, a header extension), a scaled one, a 4D one, a multi-member gzip
+    stream."""
+    import nibabel as nib
+
+    a, lab = cf.synthetic_case((7, 9, 11), seed=3)
+    files = {}
+    for dt in (np.int16, np.uint8, np.float32, np.int32, np.uint16, np.float64, np.int8):
+        files[f"sitk_{np.dtype(dt).name}"] = p = os.path.join(folder, f"sitk_{np.dtype(dt).name}.nii.gz")
+        sitk.WriteImage(cf.sitk_image(a.astype(dt), (0.7, 0.8, 2.5), (1, 2, 3), cf.LITS_DIRECTION), p, True)
+    files["kits19_image"] = os.path.join(folder, "kits19_image.nii.gz")
+    cf.write_kits19_nifti(a, (0.8, 0.8, 3.0), (-10.0, 5.0, 40.0), files["kits19_image"])
+    files["kits19_label"] = os.path.join(folder, "kits19_label.nii.gz")
+    cf.write_kits19_nifti(lab, (0.8, 0.8, 3.0), (-10.0, 5.0, 40.0), files["kits19_label"])
+    scaled = nib.Nifti1Image(a, np.diag([1.5, 1.5, 2.0, 1.0]))
+    scaled.header.set_slope_inter(2.0, -5.0)
+    files["scaled"] = os.path.join(folder, "scaled.nii.gz")
+    nib.save(scaled, files["scaled"])
+    ext = nib.Nifti1Image(a.T.copy(), np.diag([-0.7, -0.7, 2.5, 1.0]))
+    ext.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"a header extension: voxels start later" * 9))
+    files["with_extension"] = os.path.join(folder, "with_extension.nii.gz")
+    nib.save(ext, files["with_extension"])
+    files["4d_one_volume"] = os.path.join(folder, "4d_one_volume.nii.gz")
+    nib.save(nib.Nifti1Image(a.T[..., None].copy(), np.eye(4)), files["4d_one_volume"])
+    raw = gzip.decompress(open(files["sitk_int16"], "rb").read())
+    files["multi_member"] = os.path.join(folder, "multi_member.nii.gz")
+    open(files["multi_member"], "wb").write(gzip.compress(raw[:500]) + gzip.compress(raw[500:]))
+    return files
+
+
+def test_read_image_counts_bytes_in_one_decode_and_equals_itk(tmp_path):
+    """read_image decodes a plain .nii.gz itself (counting the bytes: no second decode) and must give exactly what
+    sitk.ReadImage gives: pixel type, geometry, voxels, and a written file byte for byte."""
+    from dataset_conversion import common
+
+    for name, path in _nifti_variants(str(tmp_path)).items():
+        ref, img = sitk.ReadImage(path), common.read_image(path, name)
+        plain = common._read_plain_nifti_gz(path, name, "image") is not None
+        if name == "with_extension":
+            assert common.parse_nifti_header(gzip.open(path).read(540)).data_offset > 352
+        assert plain == (name not in ("scaled", "4d_one_volume")), name
+        assert img.GetPixelID() == ref.GetPixelID() and geometry(img) == geometry(ref), name
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(img), sitk.GetArrayViewFromImage(ref))
+        assert common.check_file_complete(path) is None, name
+        out_a, out_b = str(tmp_path / "a.nii.gz"), str(tmp_path / "b.nii.gz")
+        sitk.WriteImage(img, out_a, True)
+        sitk.WriteImage(ref, out_b, True)
+        assert gzip.decompress(open(out_a, "rb").read()) == gzip.decompress(open(out_b, "rb").read()), name
+
+
+def test_nifti_header_lengths(tmp_path):
+    """NIfTI-1 and NIfTI-2, both byte orders, .nii and .nii.gz: the declared length, and a short file found."""
+    import nibabel as nib
+    from dataset_conversion.common import check_file_complete, parse_nifti_header
+
+    a = np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7)
+    for cls, offset in ((nib.Nifti1Image, 352), (nib.Nifti2Image, 544)):
+        for order in "<>":
+            img = cls(a, np.eye(4))
+            img = cls(a, np.eye(4), img.header.as_byteswapped(order))
+            for ext in (".nii", ".nii.gz"):
+                p = str(tmp_path / f"{cls.__name__}{'le' if order == '<' else 'be'}{ext}")
+                nib.save(img, p)
+                data = open(p, "rb").read()
+                raw = gzip.decompress(data) if ext == ".nii.gz" else data
+                hdr = parse_nifti_header(raw[:540])
+                assert (hdr.shape, hdr.dtype, hdr.data_offset, hdr.total_bytes) == (
+                    (5, 6, 7), np.dtype(order + "i2"), offset, offset + a.nbytes), p
+                assert hdr.plain() == (order == "<"), p
+                assert check_file_complete(p) is None, p
+                short = raw[:-2]
+                open(p, "wb").write(gzip.compress(short) if ext == ".nii.gz" else short)
+                assert check_file_complete(p) == (
+                    f"it is truncated: it {'decompresses to' if ext == '.nii.gz' else 'holds'} {len(short)} bytes but "
+                    f"its header declares {len(raw)} (5x6x7 int16 voxels from byte {offset})"), p
+    assert parse_nifti_header(b"\0" * 540) is None
+
+
 def test_ctrl_c_and_parallel_failure_leave_nothing(tmp_path, root, capsys, monkeypatch):
     src = tmp_path / "LiTS"
     cases = cf.make_lits_tree(str(src), numbers=(0, 1, 2, 3, 28, 29), test_numbers=())
@@ -439,7 +553,8 @@ def bad_kits_truncated_gz(tmp_path, root):
     c = cf.make_kits_tree(str(src), 19, numbers=(0, 1))
     data = open(c[1]["label"], "rb").read()
     open(c[1]["label"], "wb").write(data[: len(data) // 2])
-    return ["convert", "kits", src, "-d", 502, "--version", 19], "case 'case_00001': label file", "truncated or corrupt"
+    return ["convert", "kits", src, "-d", 502, "--version", 19], \
+        f"case 'case_00001': label file {c[1]['label']} cannot be used: it is truncated: its gzip stream is cut off"
 
 
 def bad_kits_missing_image(tmp_path, root):
@@ -618,6 +733,224 @@ def bad_merge_target_exists(tmp_path, root):
         "target dataset id 502 already exists"
 
 
+# ---- truncated and damaged files: ITK zero-fills the missing voxels without an error
+def _recompress_short(path, missing=1000, members=1):
+    """Rewrite ``path`` as an intact gzip stream (``members`` gzip members) of its NIfTI bytes less the last
+    ``missing``: a download cut off and compressed again. Returns (bytes held, bytes declared)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    short = raw[:len(raw) - missing]
+    cut = len(short) // 2
+    with open(path, "wb") as f:
+        f.write(gzip.compress(short) if members == 1 else gzip.compress(short[:cut]) + gzip.compress(short[cut:]))
+    return len(short), len(raw)
+
+
+def bad_lits_short_gz(tmp_path, root):
+    src, c = _lits(tmp_path)
+    gz = c[1]["image"] + ".gz"  # LiTS also ships as .nii.gz
+    os.rename(c[1]["image"], gz)
+    held, declared = _recompress_short(gz)
+    return ["convert", "lits", src, "-d", 501], (
+        f"case 'volume-1': image file {gz} cannot be used: it is truncated: it decompresses to {held} bytes but its "
+        f"header declares {declared} (24x24x12 int16 voxels from byte 352); download, extract or convert it again")
+
+
+def bad_kits_short_multimember_label(tmp_path, root):
+    src = tmp_path / "kits19"
+    c = cf.make_kits_tree(str(src), 19, numbers=(0, 1))
+    held, declared = _recompress_short(c[0]["label"], missing=2000, members=2)  # a bgzip-like multi-member stream
+    return ["convert", "kits", src, "-d", 502, "--version", 19], \
+        f"case 'case_00000': label file {c[0]['label']} cannot be used: it is truncated: it decompresses to {held} " \
+        f"bytes but its header declares {declared} (10x20x24 uint8 voxels from byte 352)"
+
+
+def bad_kits_damaged_gz(tmp_path, root):
+    src = tmp_path / "kits19"
+    c = cf.make_kits_tree(str(src), 19, numbers=(0, 1))
+    data = bytearray(open(c[1]["image"], "rb").read())
+    data[len(data) // 2] ^= 0x55  # one bad byte in the middle: the trailer (ISIZE) still matches
+    open(c[1]["image"], "wb").write(data)
+    return ["convert", "kits", src, "-d", 502, "--version", 19], \
+        f"case 'case_00001': image file {c[1]['image']} cannot be used: it is corrupt: its gzip stream is damaged"
+
+
+def bad_msd_short_3d_image(tmp_path, root):
+    c = cf.make_msd_tree(str(tmp_path), "Task09_Spleen", numbers=(1, 2), test_numbers=())
+    held, declared = _recompress_short(c[2]["image"], missing=1)
+    return ["convert", "msd", tmp_path / "Task09_Spleen"], \
+        f"case 'spleen_002': image file {c[2]['image']} cannot be used: it is truncated: it decompresses to {held} " \
+        f"bytes but its header declares {declared} (16x16x8 int16 voxels from byte 352)"
+
+
+def bad_msd_short_4d_image(tmp_path, root):
+    c = cf.make_msd_tree(str(tmp_path), "Task01_BrainTumour", {"0": "FLAIR", "1": "T1w"},
+                         {"0": "background", "1": "edema", "2": "non-enhancing tumor"}, prefix="BRATS", numbers=(1, 2),
+                         test_numbers=(3,))
+    held, declared = _recompress_short(c[3]["image"], missing=4 * 16 * 16)  # the test image: last slice of channel 1
+    return ["convert", "msd", tmp_path / "Task01_BrainTumour"], \
+        f"case 'BRATS_003': image file {c[3]['image']} cannot be used: it is truncated: it decompresses to {held} " \
+        f"bytes but its header declares {declared} (16x16x8x2 float32 voxels from byte 352)"
+
+
+def bad_lits_short_nii_big_endian(tmp_path, root):
+    import nibabel as nib
+
+    src, c = _lits(tmp_path)
+    img = nib.load(c[0]["label"], mmap=False)  # not a memory map of the file rewritten below
+    big = nib.Nifti1Image(np.asarray(img.dataobj), img.affine, img.header.as_byteswapped(">"))
+    nib.save(big, c[0]["label"])
+    assert open(c[0]["label"], "rb").read(4) == b"\0\0\1\x5c"  # 348, big-endian
+    size = os.path.getsize(c[0]["label"])
+    open(c[0]["label"], "r+b").truncate(size - 100)
+    return ["convert", "lits", src, "-d", 501], \
+        f"case 'volume-0': label file {c[0]['label']} cannot be used: it is truncated: it holds {size - 100} bytes " \
+        f"but its header declares {size} (24x24x12 uint8 voxels from byte 352)"
+
+
+def bad_merge_short_source_label(tmp_path, root):
+    _two_converted(tmp_path, root)
+    p = root / "Dataset502_KiTS19" / "labelsTr" / "case_00000.nii.gz"
+    _recompress_short(str(p), missing=10)
+    return ["merge", _spec(tmp_path, GOOD_SPEC)], \
+        f"case 'kits/case_00000': label file {p} cannot be used: it is truncated"
+
+
+def _short_scan(tmp_path, root, name, compress=False, cut=10, others=()):
+    """Merge argv with an 'images' source holding the scan ``name`` (its last ``cut`` bytes missing) and intact
+    ``others``; returns (argv, path of the short scan)."""
+    _two_converted(tmp_path, root)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    a, _ = cf.synthetic_case((9, 20, 20), seed=7)
+    for f in (name,) + tuple(others):
+        sitk.WriteImage(cf.sitk_image(a, (1, 1, 2), (0, 0, 0)), str(scans / f), compress)
+    open(scans / name, "r+b").truncate(os.path.getsize(scans / name) - cut)
+    return ["merge", _spec(tmp_path, GOOD_SPEC + "  - {name: unl, images: scans}\n")], scans / name
+
+
+def bad_merge_short_mha(tmp_path, root):
+    argv, path = _short_scan(tmp_path, root, "scan_a.mha", others=("scan_b.mha",))
+    return argv, f"case 'unl/scan_a': channel 0 image file {path} cannot be used: it is truncated: it holds " \
+        f"{9 * 20 * 20 * 2 - 10} bytes of voxel data but its header declares {9 * 20 * 20 * 2} (20x20x9 MET_SHORT)"
+
+
+def bad_merge_short_compressed_mha(tmp_path, root):
+    argv, path = _short_scan(tmp_path, root, "scan.mha", compress=True)
+    return argv, f"image file {path} cannot be used: it is truncated: it holds", "bytes of compressed voxel data"
+
+
+def bad_merge_short_nrrd(tmp_path, root):
+    argv, path = _short_scan(tmp_path, root, "scan.nrrd", cut=500)
+    return argv, f"case 'unl/scan': channel 0 image file {path} cannot be read: fread got only 3350 2-sized things, " \
+        "not 3600"
+
+
+# ---- image and label swapped: thousands of values, summarised
+def bad_lits_swapped(tmp_path, root):
+    src, c = _lits(tmp_path)
+    os.rename(c[1]["image"], str(tmp_path / "v"))
+    os.rename(c[1]["label"], c[1]["image"])
+    os.rename(str(tmp_path / "v"), c[1]["label"])
+    return ["convert", "lits", src, "-d", 501], re.compile(
+        rf"case 'volume-1': label file {re.escape(c[1]['label'])} holds \d{{3,}} distinct values from -\d+ to \d+, "
+        r"\d+ of which LiTS does not define \(defined: 0 background, 1 liver, 2 tumor\); "
+        r"does this file hold an image\? are volume-1 and segmentation-1 swapped\?$")
+
+
+def bad_msd_swapped(tmp_path, root):
+    c = cf.make_msd_tree(str(tmp_path), "Task09_Spleen", numbers=(1, 2), test_numbers=())
+    shutil.copy(c[1]["image"], c[1]["label"])
+    return ["convert", "msd", tmp_path / "Task09_Spleen"], f"case 'spleen_001': label file {c[1]['label']} holds", \
+        "does this file hold an image? are imagesTr/spleen_001.nii.gz and labelsTr/spleen_001.nii.gz swapped?"
+
+
+def bad_merge_swapped(tmp_path, root):
+    _two_converted(tmp_path, root)
+    img = root / "Dataset502_KiTS19" / "imagesTr" / "case_00000_0000.nii.gz"
+    lab = root / "Dataset502_KiTS19" / "labelsTr" / "case_00000.nii.gz"
+    sitk.WriteImage(read(img), str(lab), True)
+    return ["merge", _spec(tmp_path, GOOD_SPEC)], f"case 'kits/case_00000': label file {lab} holds", \
+        "of which source 'kits' (Dataset502_KiTS19) does not define", "are case_00000_0000 and case_00000 swapped?"
+
+
+# ---- many cases at fault: the first few and a count
+def bad_lits_many_missing_labels(tmp_path, root):
+    src, c = _lits(tmp_path, numbers=tuple(range(8)))
+    for n in range(1, 8):
+        os.remove(c[n]["label"])
+    return ["convert", "lits", src, "-d", 501], "case 'volume-1': segmentation-1.nii is missing", \
+        "; 7 volumes lack their segmentation: volume-1, volume-2, volume-3, volume-4, volume-5, ... (7 in all)"
+
+
+def bad_kits_many_missing_images(tmp_path, root):
+    src = tmp_path / "kits23"
+    c = cf.make_kits_tree(str(src), 23, numbers=tuple(range(7)))
+    for n in c:
+        os.remove(c[n]["image"])
+    return ["convert", "kits", src, "-d", 523, "--version", 23], f"case 'case_00000': image file {c[0]['image']} is " \
+        "missing (the KiTS21/23 git repository ships only the labels: run its download script first); 7 cases lack " \
+        "imaging.nii.gz: case_00000, case_00001, case_00002, case_00003, case_00004, ... (7 in all)"
+
+
+def bad_msd_missing_files(tmp_path, root):
+    c = cf.make_msd_tree(str(tmp_path), "Task09_Spleen", numbers=(1, 2, 3), test_numbers=())
+    for n in (2, 3):
+        os.remove(c[n]["image"])
+    return ["convert", "msd", tmp_path / "Task09_Spleen"], f"case 'spleen_002': image file {c[2]['image']} is " \
+        "missing; 2 files listed in dataset.json are missing: imagesTr/spleen_002.nii.gz, imagesTr/spleen_003.nii.gz"
+
+
+# ---- merge specs that are not valid YAML / JSON, or have a wrong key or type
+def _bad_spec(text, *expected):
+    def case(tmp_path, root):
+        _two_converted(tmp_path, root)
+        spec = _spec(tmp_path, text)
+        return (["merge", spec], f"merge spec {spec}", *expected)
+    case.__name__ = "bad_spec"
+    return case
+
+
+bad_merge_yaml_tab = _bad_spec(GOOD_SPEC.replace("  - {name: kits", "\t- {name: kits"),
+                               "is not valid YAML: line 6, column 1 "
+                               "('\\t- {name: kits, dataset: 502, labels: {kidney: [kidney, tumor]}}')",
+                               "found character '\\t' that cannot start any token; YAML indents with spaces only")
+bad_merge_yaml_indent = _bad_spec(
+    "dataset_id: 530\ndataset_name: M\nlabels: [liver]\nsources:\n  - name: lits\n    dataset: 501\n"
+    "   labels: {liver: [liver]}\n",
+    "is not valid YAML: line 7, column 4 ('   labels: {liver: [liver]}'): expected <block end>",
+    "check the indentation")
+bad_merge_yaml_bracket = _bad_spec(GOOD_SPEC.replace("labels: [liver, kidney]", "labels: [liver, kidney"),
+                                   "is not valid YAML: line 4, column 8 ('sources:'): expected ',' or ']', but got "
+                                   "':'; is the '[' opened at line 3, column 9 closed")
+bad_merge_wrong_type_labels = _bad_spec(GOOD_SPEC.replace("labels: {kidney: [kidney, tumor]}", "labels: [kidney]"),
+                                        ": sources[1].labels: source 'kits': must map target names to lists of "
+                                        "source labels (e.g. {liver: [liver, tumor]}), got ['kidney']")
+bad_merge_wrong_type_tolerance = _bad_spec(GOOD_SPEC + "tolerance: small\n",
+                                           ": tolerance: must be a number >= 0 (e.g. 0.001), got 'small'")
+bad_merge_wrong_type_flag = _bad_spec(GOOD_SPEC + "allow_mixed_channels: 'no'\n",
+                                      ": allow_mixed_channels: must be true or false, got 'no'")
+bad_merge_wrong_type_source_label = _bad_spec(GOOD_SPEC.replace("[kidney, tumor]", "[kidney, {tumor: 2}]"),
+                                              ": sources[1].labels.kidney: source 'kits': source labels are names or "
+                                              "values, got {'tumor': 2}")
+bad_merge_wrong_key_in_source = _bad_spec(GOOD_SPEC.replace("{name: kits, dataset", "{name: kits, datset"),
+                                          ": sources[1]: source 'kits': unknown key(s) ['datset']",
+                                          "(did you mean 'dataset' for 'datset'?)")
+for _f, _n in ((bad_merge_yaml_tab, "tab"), (bad_merge_yaml_indent, "indent"), (bad_merge_yaml_bracket, "bracket"),
+               (bad_merge_wrong_type_labels, "labels"), (bad_merge_wrong_type_tolerance, "tolerance"),
+               (bad_merge_wrong_type_flag, "flag"), (bad_merge_wrong_type_source_label, "source_label"),
+               (bad_merge_wrong_key_in_source, "source_key")):
+    _f.__name__ = f"bad_merge_spec_{_n}"
+
+
+def bad_merge_json(tmp_path, root):
+    _two_converted(tmp_path, root)
+    spec = tmp_path / "spec.json"
+    spec.write_text('{"dataset_id": 530,\n "dataset_name": "M",\n "labels": ["liver",]}')
+    return ["merge", spec], f"merge spec {spec} is not valid JSON: line 3, column 21", "Expecting value"
+
+
 BAD_INPUTS = [bad_lits_size, bad_lits_spacing, bad_lits_origin, bad_lits_direction, bad_lits_label_value,
               bad_lits_float_label, bad_lits_missing_label, bad_lits_empty_image, bad_lits_truncated_image,
               bad_lits_duplicate_number, bad_kits_truncated_gz, bad_kits_missing_image, bad_kits19_cyst,
@@ -625,7 +958,19 @@ BAD_INPUTS = [bad_lits_size, bad_lits_spacing, bad_lits_origin, bad_lits_directi
               bad_msd_is_nnunet, bad_msd_channels, bad_msd_unreadable, bad_target_exists, bad_merge_channels_number,
               bad_merge_ct_with_mr, bad_merge_duplicate, bad_merge_undefined_value, bad_merge_geometry,
               bad_merge_unknown_target, bad_merge_unknown_source_label, bad_merge_label_twice, bad_merge_unknown_key,
-              bad_merge_missing_source, bad_merge_empty_images, bad_merge_target_exists]
+              bad_merge_missing_source, bad_merge_empty_images, bad_merge_target_exists,
+              # truncated / damaged files
+              bad_lits_short_gz, bad_kits_short_multimember_label, bad_kits_damaged_gz, bad_msd_short_3d_image,
+              bad_msd_short_4d_image, bad_lits_short_nii_big_endian, bad_merge_short_source_label, bad_merge_short_mha,
+              bad_merge_short_compressed_mha, bad_merge_short_nrrd,
+              # long messages: summarised
+              bad_lits_swapped, bad_msd_swapped, bad_merge_swapped, bad_lits_many_missing_labels,
+              bad_kits_many_missing_images, bad_msd_missing_files,
+              # merge specs
+              bad_merge_yaml_tab, bad_merge_yaml_indent, bad_merge_yaml_bracket, bad_merge_json,
+              bad_merge_wrong_type_labels, bad_merge_wrong_type_tolerance, bad_merge_wrong_type_flag,
+              bad_merge_wrong_type_source_label, bad_merge_wrong_key_in_source]
+MAX_ERROR_CHARS = 600  # beyond the temp paths in it, an error is one readable line
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[f.__name__[4:] for f in BAD_INPUTS])
@@ -639,7 +984,8 @@ def test_bad_input(tmp_path, root, capsys, case):
     line = error_line(err)
     assert rc == 2, err
     for e in expected:
-        assert e in line, line
+        assert (e.search(line) if isinstance(e, re.Pattern) else e in line), line
+    assert len(line.replace(str(tmp_path), "…")) <= MAX_ERROR_CHARS, line
     assert_clean(root, before, sources)
 
 

@@ -94,3 +94,37 @@ def test_partial_dataset_stores_only_annotated_organs(tmp_path):
     with pytest.raises(FileExistsError):
         write_partial_dataset(str(tmp_path), 77, "T", cases_per_source=1)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_evaluate_command_writes_nnunet_summary_layout(tmp_path):
+    """`nnunet-partial evaluate` writes nnU-Net's summary.json layout (readable by nnU-Net's loader) with
+    partial-aware means and per-case `annotated` flags, beside its own evaluation.json."""
+    import json
+    import subprocess
+    import sys
+    from nnunetv2.evaluation.evaluate_predictions import load_summary_json
+
+    ref = np.zeros((10, 20, 20), np.uint8)
+    ref[2:8, 2:8, 2:8] = 1
+    ref[2:8, 12:18, 12:18] = 2
+    pred = ref.copy()
+    pred[2:8, 12:18, 12:18] = 0   # kidney missed on case a, which does not annotate it
+    for case, p in (("a", pred), ("b", ref)):
+        _write(tmp_path / "ref", f"{case}.nii.gz", ref)
+        _write(tmp_path / "pred", f"{case}.nii.gz", p)
+    _write(tmp_path / "ref", "c.nii.gz", ref)  # no prediction: left out, as nnUNetv2_evaluate_folder would refuse it
+    dj = {"labels": {"background": 0, "liver": 1, "kidney": 2}, "file_ending": ".nii.gz",
+          "annotated_labels": {"a": ["liver"], "b": ["liver", "kidney"], "c": ["liver"]}}
+    (tmp_path / "dataset.json").write_text(json.dumps(dj))
+    proc = subprocess.run([sys.executable, "-m", "nnunet_partial.cli", "evaluate", "-pred", str(tmp_path / "pred"),
+                           "-ref", str(tmp_path / "ref"), "-dj", str(tmp_path / "dataset.json"), "-np", "1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    summary = load_summary_json(str(tmp_path / "pred" / "summary.json"))
+    assert set(summary) >= {"metric_per_case", "mean", "foreground_mean"}
+    assert len(summary["metric_per_case"]) == 2
+    case_a = [c for c in summary["metric_per_case"] if c["reference_file"].endswith("a.nii.gz")][0]
+    assert case_a["metrics"][2]["annotated"] is False and case_a["metrics"][2]["Dice"] == 0
+    assert summary["mean"][2]["Dice"] == pytest.approx(1.0) and summary["mean"][2]["n_cases_annotated"] == 1
+    assert os.path.isfile(tmp_path / "pred" / "summary_all_labels_everywhere.json")
+    assert os.path.isfile(tmp_path / "pred" / "evaluation.json")

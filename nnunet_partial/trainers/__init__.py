@@ -7,13 +7,17 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.trainers import schedules as _schedules
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 
 BASE_TRAINERS = [
     nnUNetTrainerPartial,
+    nnUNetTrainerPartialEMA,
     nnUNetTrainerCoWAM,
     nnUNetTrainerMeanTeacher,
+    nnUNetTrainerCoWAMPseudo,
 ]
 
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short

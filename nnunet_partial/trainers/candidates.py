@@ -123,7 +123,14 @@ class CandidateExportMixin:
             # max() keeps the first of equal scores: candidate order is the tie-break
             self.exported_candidate = max(self.candidate_networks(),
                                           key=lambda n: self._candidate_dice_ema.get(n, -np.inf))
+        elif not getattr(self, "_told_default_export", False):
+            self._told_default_export = True
+            self.print_to_log_file(
+                f"Validation scored no label yet, so the candidates cannot be compared: exporting "
+                f"'{self.exported_candidate}', the default (first of {list(self.candidate_networks())}).",
+                also_print_to_console=True)
         best = self.exported_candidate
+        self.log_class_diagnostics(collated, prefix=f"{best}:")
         self.logger.log("mean_fg_dice", _mean_finite(per_class[best]), self.current_epoch)
         self.logger.log("dice_per_class_or_region", per_class[best], self.current_epoch)
         self.logger.log("val_losses", losses[best], self.current_epoch)

@@ -47,6 +47,22 @@ def schedule_capped_decay(decay: float, total_steps: int, horizon_fraction: Opti
     return float(min(decay, max(0.0, 1.0 - 1.0 / (horizon_fraction * total_steps))))
 
 
+class WeightAveragingSchedule:
+    """The EMA-twin settings shared by the weight-averaging trainers (CoWAM, Partial + EMA); a mixin.
+
+    ``ema_decay`` 0.999 (CoWAM paper); ``ema_warmup``: Mean Teacher's ``min(1 - 1/(t+1), decay)`` so that
+    early twins are not mostly their random initialisation; ``ema_horizon_fraction``: the decay is
+    capped so that the horizon ``1/(1-a)`` is at most this fraction of all iterations (0.999 from
+    20 000 iterations on, nnU-Net's 1000 x 250 included; 0.96 on a 500-iteration run). None = no cap.
+    """
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    ema_horizon_fraction: Optional[float] = 0.05
+
+    def effective_ema_decay(self) -> float:
+        return schedule_capped_decay(self.ema_decay, self.total_iterations(), self.ema_horizon_fraction)
+
+
 class EMATwin:
     """A frozen exponential moving average of a network (timm's ``ModelEmaV3`` does the maths).
 

@@ -34,22 +34,16 @@ from nnunetv2.utilities.collate_outputs import collate_outputs
 from nnunet_partial.losses.cowam import (CoWAMHardLoss, RegionSoftLoss, focal_class_weights,
                                          load_or_count_label_voxels, mean_class_sizes)
 from nnunet_partial.trainers.candidates import CandidateExportMixin
-from nnunet_partial.trainers.common import (EMATwin, autocast_context, batch_to_device, clip_and_step,
-                                            scaled_backward, schedule_capped_decay, sigmoid_rampup, unwrap)
+from nnunet_partial.trainers.common import (EMATwin, WeightAveragingSchedule, autocast_context, batch_to_device,
+                                            clip_and_step, scaled_backward, sigmoid_rampup, unwrap)
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 
 
-class nnUNetTrainerCoWAM(CandidateExportMixin, nnUNetTrainerPartial):
+class nnUNetTrainerCoWAM(WeightAveragingSchedule, CandidateExportMixin, nnUNetTrainerPartial):
     # ---- defaults: the paper's (Huang et al. 2020, §3.3) unless noted; override in a subclass
-    ema_decay: float = 0.999
-    # Mean Teacher warm-up of the decay, min(1 - 1/(t+1), decay), so that early twins are not mostly
-    # their random initialisation (0.999^t of it otherwise). False = the paper's constant decay.
-    ema_warmup: bool = True
-    # The paper's 0.999 averages over ~1000 of its ~30 000 iterations (10 epochs, batch 24): a few % of
-    # training. The decay is capped so that the horizon 1/(1-a) is at most this fraction of all
-    # iterations (num_epochs x iterations per epoch): 0.999 from 20 000 iterations on (nnU-Net's
-    # default 1000 x 250 included), 0.96 on the 500-iteration _bench schedule. None = no cap.
-    ema_horizon_fraction: Optional[float] = 0.05
+    # ema_decay 0.999 (the paper's), ema_warmup, ema_horizon_fraction 0.05: WeightAveragingSchedule.
+    # The paper's 0.999 averages over ~1000 of its ~30 000 iterations (10 epochs, batch 24), a few % of
+    # training; the horizon cap keeps that share on short schedules.
     # Hard loss on what is known. "dc_ce": the foundation's marginal Dice + cross-entropy (nnU-Net's
     # weights). "focal": the paper's λ_focal·weighted focal + λ_dice·Dice below. Not the default: the
     # paper applies it to fully pseudo-labelled images; on marginal targets the focal modulation stops
@@ -177,9 +171,6 @@ class nnUNetTrainerCoWAM(CandidateExportMixin, nnUNetTrainerPartial):
         unwrap(self.network2).decoder.deep_supervision = enabled
 
     # ------------------------------------------------------------------ schedule
-    def effective_ema_decay(self) -> float:
-        return schedule_capped_decay(self.ema_decay, self.total_iterations(), self.ema_horizon_fraction)
-
     def rampup_length(self) -> float:
         """Ramp-up length in optimiser steps."""
         return self.rampup_fraction * self.total_iterations()

@@ -24,13 +24,10 @@ Change a default with a two-line subclass::
 from __future__ import annotations
 
 import math
-import sys
 from typing import List, Optional
 
 import numpy as np
 import torch
-
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.dataloading import TwoStreamDataLoader, split_labelled_unlabelled
 from nnunet_partial.losses.consistency import ConsistencyLoss
@@ -42,6 +39,22 @@ from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 LOG_KEYS = ("supervised_loss", "consistency_loss", "consistency_weight")
 
 
+def labelled_per_rank(global_batch: int, labelled: int, world_size: int) -> int:
+    """Labelled cases in each DDP rank's part of nnU-Net's global batch: ``ceil(labelled / world_size)``,
+    the same on every rank (the batch Dice gathers per-case tensors over the ranks, so every rank's
+    labelled sub-batch needs one shape), so the ranks together never hold fewer labelled cases than one
+    process would. Every rank also needs an unlabelled case."""
+    sizes = [global_batch // world_size + (1 if r < global_batch % world_size else 0) for r in range(world_size)]
+    share = math.ceil(labelled / world_size)
+    if not 1 <= share <= min(sizes) - 1:
+        raise ValueError(
+            f"Mean Teacher under DDP needs a labelled and an unlabelled case in every GPU's part of the batch: the "
+            f"batch of {global_batch} over {world_size} GPUs gives {sizes} cases per GPU, {labelled} of them "
+            f"labelled ({share} per GPU). Use fewer GPUs, a larger batch size (plans) or a smaller "
+            f"labeled_batch_size.")
+    return share
+
+
 def _full_resolution(output):
     return output[0] if isinstance(output, (list, tuple)) else output
 
@@ -51,7 +64,7 @@ def _select_cases(x, mask: torch.Tensor):
 
 
 class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
-    labeled_batch_size: Optional[int] = None      # labelled cases per batch; None = ceil(batch_size / 2)
+    labeled_batch_size: Optional[int] = None      # labelled cases per (global) batch; None = ceil(batch_size / 2)
     ema_decay: float = 0.99                       # α of the teacher (with the warm-up rule)
     teacher_noise_std: float = 0.1                # teacher input noise: clamp(N(0,1)·std, ±clamp)
     teacher_noise_clamp: float = 0.2
@@ -75,7 +88,9 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
             f"cases, weight {self.consistency_weight} ramped up over {self.consistency_rampup_steps()} steps")
 
     def candidate_networks(self):
-        return {"student": self.network, "teacher": self.teacher.module}
+        # teacher first: exported whenever validation cannot tell them apart (no scored label, a tie);
+        # the average is the more stable network at short schedules
+        return {"teacher": self.teacher.module, "student": self.network}
 
     def extra_checkpoint_state(self) -> dict:
         return {"teacher": self.teacher.state_dict()}
@@ -84,7 +99,14 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
         self.teacher.load_state_dict(state["teacher"])
 
     def effective_labeled_batch_size(self) -> int:
-        return self.labeled_batch_size if self.labeled_batch_size is not None else math.ceil(self.batch_size / 2)
+        """Labelled cases per batch of this process. ``labeled_batch_size`` counts in nnU-Net's batch, which
+        under DDP is the global one, split over the ranks: the labelled share is split with it
+        (:func:`labelled_per_rank`) and a rank too small for both kinds of case stops with the fix."""
+        if not self.is_ddp:
+            return self.labeled_batch_size if self.labeled_batch_size is not None else math.ceil(self.batch_size / 2)
+        global_batch = self.configuration_manager.batch_size
+        labelled = self.labeled_batch_size if self.labeled_batch_size is not None else math.ceil(global_batch / 2)
+        return labelled_per_rank(global_batch, labelled, torch.distributed.get_world_size())
 
     def consistency_rampup_steps(self) -> int:
         return int(round(self.consistency_rampup_fraction * self.total_iterations()))
@@ -93,37 +115,13 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
         return self.consistency_weight * sigmoid_rampup(self.global_step, self.consistency_rampup_steps())
 
     # ------------------------------------------------------------------ data
-    def get_tr_and_val_datasets(self):
-        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
-        self._two_stream_dataset = dataset_tr
-        return dataset_tr, dataset_val
-
-    def get_dataloaders(self):
-        # nnU-Net builds the training loader inside get_dataloaders (patch sizes, transforms) and starts
-        # the augmentation workers with it before returning; there is no hook for the loader class, and
-        # swapping the loader afterwards would mean restarting those workers. So nnU-Net's method runs
-        # unchanged while the module-level name it constructs loaders with resolves to a factory: our
-        # TwoStreamDataLoader for the training dataset, the stock loader for validation. Nothing of
-        # nnU-Net's pipeline is copied; the name is restored before returning.
-        module = sys.modules[nnUNetTrainer.__module__]
-        stock = module.nnUNetDataLoader
-
-        def make_loader(data, *args, **kwargs):
-            if data is not getattr(self, "_two_stream_dataset", None):
-                return stock(data, *args, **kwargs)
-            labelled, unlabelled = split_labelled_unlabelled(data.identifiers, self.annotations,
-                                                             type(self).__name__)
-            self.print_to_log_file(f"Two-stream sampling: {len(labelled)} labelled and {len(unlabelled)} "
-                                   f"unlabelled training cases, {self.effective_labeled_batch_size()} labelled "
-                                   f"per batch of {self.batch_size}")
-            return TwoStreamDataLoader(data, *args, labelled_keys=labelled, unlabelled_keys=unlabelled,
-                                       labeled_batch_size=self.effective_labeled_batch_size(), **kwargs)
-
-        module.nnUNetDataLoader = make_loader
-        try:
-            return super().get_dataloaders()
-        finally:
-            module.nnUNetDataLoader = stock
+    def make_training_loader(self, data, *args, **kwargs):
+        labelled, unlabelled = split_labelled_unlabelled(data.identifiers, self.annotations, type(self).__name__)
+        self.print_to_log_file(f"Two-stream sampling: {len(labelled)} labelled and {len(unlabelled)} "
+                               f"unlabelled training cases, {self.effective_labeled_batch_size()} labelled "
+                               f"per batch of {self.batch_size}")
+        return TwoStreamDataLoader(data, *args, labelled_keys=labelled, unlabelled_keys=unlabelled,
+                                   labeled_batch_size=self.effective_labeled_batch_size(), **kwargs)
 
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict) -> dict:

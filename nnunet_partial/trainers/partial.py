@@ -2,24 +2,46 @@
 
 Marginal CE + marginal Dice with nnU-Net's deep supervision weights, and online / final
 validation that counts a label only on cases where it was annotated. On a dataset without
-``annotated_labels`` every hook falls through to ``nnUNetTrainer``: same loss, same numbers.
+``annotated_labels`` the loss, steps and sampling fall through to ``nnUNetTrainer``: same loss,
+same numbers.
+
+Shared by every trainer of this package (they all derive from this class):
+
+- a cross-validation split stratified by annotation pattern and source, written when the dataset
+  has ``annotated_labels`` and no ``splits_final.json`` yet (nnunet_partial/splits.py), and a
+  start-up warning naming the labels the validation fold cannot score;
+- annotation-aware sampling (``annotation_aware_sampling``; nnunet_partial/dataloading.py) through
+  the one training-loader hook ``make_training_loader``;
+- per-class diagnostics of online validation (share of voxels predicted as each class, mean
+  softmax probability), logged every epoch;
+- a ``LOST ORGAN`` warning after the final validation when a label annotated somewhere in the
+  dataset is predicted on none of the validation cases.
 """
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import torch
+from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
 
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_partial.annotations import PartialAnnotations, full_annotation_mask, validate_preprocessed
+from nnunet_partial.annotations import PROVENANCE_KEY, PartialAnnotations, full_annotation_mask, validate_preprocessed
+from nnunet_partial.dataloading import AnnotationAwareDataLoader
 from nnunet_partial.losses.marginal import MarginalDCandCELoss
-from nnunet_partial.trainers.common import autocast_context, backward_and_step, batch_to_device
+from nnunet_partial.splits import split_coverage, stratified_crossval_split
+from nnunet_partial.trainers.common import autocast_context, backward_and_step, batch_to_device, register_log_keys
+
+DIAGNOSTIC_LOG_KEYS = ("predicted_fraction_per_class", "mean_probability_per_class")
 
 
 class nnUNetTrainerPartial(nnUNetTrainer):
+    # every batch holds, as far as batch size allows, a case annotating each label (partial data only)
+    annotation_aware_sampling: bool = True
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
@@ -33,6 +55,84 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         if self.annotations is not None and self.preprocessed_dataset_folder is not None \
                 and os.path.isdir(self.preprocessed_dataset_folder):
             validate_preprocessed(self.annotations, self.preprocessed_dataset_folder, self.dataset_class)
+        register_log_keys(self.logger, DIAGNOSTIC_LOG_KEYS)
+
+    # ------------------------------------------------------------------ split and sampling
+    def do_split(self):
+        """nnU-Net's split, except that a partially labelled dataset without ``splits_final.json`` gets a
+        stratified one (nnunet_partial/splits.py); warns once when validation cannot score a label."""
+        if self.dataset_class is None:  # as nnU-Net's do_split: it may run before the data loaders exist
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        if self.annotations is not None and self.fold != "all":
+            splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
+            if not isfile(splits_file):
+                cases = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
+                splits = stratified_crossval_split(cases, self.annotations, self.dataset_json.get(PROVENANCE_KEY))
+                # every DDP rank computes the same split; write atomically so no rank reads half a file
+                tmp = f"{splits_file}.{os.getpid()}.tmp"
+                save_json(splits, tmp)
+                os.replace(tmp, splits_file)
+                self.print_to_log_file("Wrote a 5-fold split stratified by annotation pattern and source to "
+                                       f"{splits_file} (nnunet-partial; a split file you write is never replaced)")
+        tr_keys, val_keys = super().do_split()
+        if self.annotations is not None and not getattr(self, "_split_checked", False):
+            self._split_checked = True
+            self.warn_split_coverage(tr_keys, val_keys)
+        return tr_keys, val_keys
+
+    def warn_split_coverage(self, tr_keys, val_keys) -> None:
+        cover = split_coverage(self.annotations, tr_keys, val_keys)
+        if cover["untrained"]:
+            self.print_to_log_file(
+                f"WARNING: no training case of fold {self.fold} annotates {cover['untrained']}: the model cannot "
+                "learn them. Use another split (splits_final.json) that puts cases annotating them into training.",
+                also_print_to_console=True)
+        if cover["labelled_val"] == 0:
+            self.print_to_log_file(
+                f"WARNING: the validation cases of fold {self.fold} annotate no label at all: pseudo Dice and the "
+                "final validation score nothing, and a network with several candidates exports its default one "
+                "(see the trainer's docs). Put labelled cases into this fold's validation (splits_final.json).",
+                also_print_to_console=True)
+        elif cover["unscorable"]:
+            self.print_to_log_file(
+                f"WARNING: no validation case of fold {self.fold} annotates {cover['unscorable']}: online pseudo "
+                "Dice and the final validation cannot score them, so losing them would go unnoticed there (the "
+                "LOST ORGAN check after training still looks at predicted volumes). Delete splits_final.json to "
+                "get nnunet-partial's stratified split, or train another fold.", also_print_to_console=True)
+
+    def make_training_loader(self, data, *args, **kwargs):
+        """The training data loader (same arguments as ``nnUNetDataLoader``). Subclasses that sample
+        differently override this one hook."""
+        if self.annotations is None or not self.annotation_aware_sampling:
+            return self._stock_loader(data, *args, **kwargs)
+        return AnnotationAwareDataLoader(data, *args, annotations=self.annotations, **kwargs)
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        self._training_dataset = dataset_tr
+        return dataset_tr, dataset_val
+
+    def get_dataloaders(self):
+        # nnU-Net builds the training loader inside get_dataloaders (patch sizes, transforms) and starts
+        # the augmentation workers with it before returning; there is no hook for the loader class, and
+        # swapping the loader afterwards would mean restarting those workers. So nnU-Net's method runs
+        # unchanged while the module-level name it constructs loaders with resolves to a factory:
+        # make_training_loader for the training dataset, the stock loader for validation. Nothing of
+        # nnU-Net's pipeline is copied; the name is restored before returning.
+        module = sys.modules[nnUNetTrainer.__module__]
+        self._stock_loader = stock = module.nnUNetDataLoader
+
+        def make_loader(data, *args, **kwargs):
+            if data is getattr(self, "_training_dataset", None):
+                return self.make_training_loader(data, *args, **kwargs)
+            return stock(data, *args, **kwargs)
+
+        module.nnUNetDataLoader = make_loader
+        try:
+            return super().get_dataloaders()
+        finally:
+            module.nnUNetDataLoader = stock
 
     def _build_loss(self):
         stock = super()._build_loss()
@@ -70,8 +170,29 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         onehot.scatter_(1, output.argmax(1, keepdim=True), 1)
         tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes)
         weight = annotated.to(tp.dtype)
-        return {name: (v * weight).sum(0)[1:].detach().cpu().numpy()
-                for name, v in (("tp_hard", tp), ("fp_hard", fp), ("fn_hard", fn))}
+        out = {name: (v * weight).sum(0)[1:].detach().cpu().numpy()
+               for name, v in (("tp_hard", tp), ("fp_hard", fp), ("fn_hard", fn))}
+        # diagnostics over every case (annotated or not: an organ is in every image): voxels predicted as
+        # each class and summed softmax probability, per class incl. background; a dying class shows here
+        reduce = [0] + axes
+        out["predicted_voxels"] = onehot.sum(reduce).detach().cpu().numpy()
+        out["probability_sum"] = torch.softmax(output.float(), 1).sum(reduce).detach().cpu().numpy()
+        return out
+
+    def log_class_diagnostics(self, collated: dict, prefix: str = "") -> None:
+        """Per-epoch share of voxels predicted as each class and mean probability per class (incl. background)."""
+        predicted = np.sum(collated[f"{prefix}predicted_voxels"], 0)
+        probability = np.sum(collated[f"{prefix}probability_sum"], 0)
+        if self.is_ddp:
+            import torch.distributed as dist
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, (predicted, probability))
+            predicted, probability = (np.sum([g[i] for g in gathered], 0) for i in (0, 1))
+        total = max(float(predicted.sum()), 1.0)
+        self.logger.log("predicted_fraction_per_class", (predicted / total).tolist(), self.current_epoch)
+        self.logger.log("mean_probability_per_class", (probability / total).tolist(), self.current_epoch)
+        self.print_to_log_file("Share of validation voxels predicted per class (bg first):",
+                               np.round(predicted / total, 4).tolist())
 
     # ------------------------------------------------------------------ steps
     def train_step(self, batch: dict) -> dict:
@@ -96,10 +217,40 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             loss = self.supervised_loss(output, target, annotated)
         return {"loss": loss.detach().cpu().numpy(), **self.partial_tp_fp_fn(output, target, annotated)}
 
+    def on_validation_epoch_end(self, val_outputs):
+        super().on_validation_epoch_end(val_outputs)
+        if self.annotations is not None:
+            from nnunetv2.utilities.collate_outputs import collate_outputs
+            self.log_class_diagnostics(collate_outputs(val_outputs))
+
     # ------------------------------------------------------------------ final validation
+    def warn_lost_organs(self, prediction_folder: str) -> list:
+        """Warn (log + console) for every label annotated somewhere in the dataset that no validation
+        case's prediction holds a single voxel of. Returns the lost label names."""
+        from nnunet_partial.evaluation import predicted_label_voxels
+        names = {int(v): k for k, v in self.dataset_json["labels"].items() if k != "background" and not
+                 isinstance(v, (list, tuple)) and k != "ignore"}
+        if self.annotations is not None:
+            annotated_somewhere = set().union(*self.annotations.annotated.values())
+            names = {v: n for v, n in names.items() if v in annotated_somewhere}
+        counts = predicted_label_voxels(prediction_folder, self.dataset_json["file_ending"], list(names))
+        if counts is None:
+            return []
+        lost = [names[v] for v in names if counts[v] == 0]
+        if lost:
+            self.print_to_log_file(
+                f"WARNING: LOST ORGAN: {lost} predicted on none of the {counts['n_cases']} validation cases although "
+                "the dataset annotates them: the network has stopped predicting them. Train longer, check the "
+                "split and annotations (nnunet-partial check), or use a weight-averaged trainer "
+                "(nnUNetTrainerPartialEMA / nnUNetTrainerCoWAM).", also_print_to_console=True)
+        return lost
+
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
-        if self.annotations is None or self.local_rank != 0:
+        if self.local_rank != 0:
+            return
+        self.warn_lost_organs(os.path.join(self.output_folder, "validation"))
+        if self.annotations is None:
             return
         from nnunet_partial.evaluation import rewrite_summary_partial_aware
         summary_file = os.path.join(self.output_folder, "validation", "summary.json")
@@ -107,3 +258,9 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             summary = rewrite_summary_partial_aware(summary_file, self.annotations, self.dataset_json["file_ending"])
             self.print_to_log_file("Partial-aware mean validation Dice (labels counted only where annotated):",
                                    np.round(summary["foreground_mean"]["Dice"], 4), also_print_to_console=True)
+        # stock nnUNetv2_find_best_configuration would score unannotated organs as false positives
+        self.print_to_log_file(
+            f"Next: nnunet-partial find-best-configuration {self.plans_manager.dataset_name} -c {self.configuration_name} "
+            f"-tr {self.__class__.__name__} -p {self.plans_manager.plans_name} [-f FOLDS] once all folds are "
+            "trained (not nnUNetv2_find_best_configuration: it scores every label on cases not annotating it)",
+            also_print_to_console=True)

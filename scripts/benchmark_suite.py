@@ -1,0 +1,517 @@
+#!/usr/bin/env python
+"""Benchmark suite: methods x scenarios x seeds on synthetic data, each scenario with its oracle.
+
+A *run* is one trainer on one scenario's dataset for one seed and one configuration: trained with
+nnU-Net's own ``nnUNetv2_train`` (seeded, see below), ``nnUNetv2_predict`` on the scenario's fully
+labelled test set (the same for every method and seed), scored per organ with
+``nnunet_partial.evaluation`` (Dice, HD95). Scenarios are ``nnunet_partial.synthetic.SCENARIOS``
+(few-labels, hard-anatomy, semi, small-structures); the oracle row is stock ``nnUNetTrainer`` on the
+same images with every organ labelled, the naive row stock ``nnUNetTrainer`` on the partial data.
+
+    # a GPU session: the full comparison
+    python scripts/benchmark_suite.py --workdir bench_suite --seeds 0 1 2 --configuration 2d 3d_fullres
+    # CPU: fewer runs (3d_fullres then gets the shorter 'demo' schedule unless --schedule is given)
+    python scripts/benchmark_suite.py --workdir bench_cpu --scenarios few-labels --seeds 0 --configuration 2d
+    # sizes of a scenario: SCENARIO.ARG=VALUE (the keyword arguments of its function)
+    python scripts/benchmark_suite.py --scenario-arg few-labels.cases_per_source=2 semi.n_unlabelled=10 ...
+
+Trainers are given by base name (``--trainers``); the schedule suffix is appended (``_bench`` etc.,
+see nnunet_partial/trainers/schedules.py), so any trainer with schedule variants plugs in by name.
+``oracle`` is the oracle row. A scenario may send a trainer to another of its datasets (semi:
+``nnUNetTrainerPartial`` = supervised-only on the labelled cases) or mark it not applicable.
+
+Seeds: seed s writes the scenario's training data with synthetic seed s, and the training process
+seeds Python, NumPy and torch with s before nnU-Net starts (nnU-Net seeds nothing itself; CoWAM
+initialises its two students from its own fixed ``student_seeds``, whatever s). NumPy's
+global generator drives nnU-Net's case sampling and augmentation when augmentation runs in the
+training process (``--da-workers 0``, the default on CPU); with worker processes
+(``nnUNet_n_proc_DA`` > 0, the default on CUDA for speed) each worker reseeds itself from the OS, so
+augmentation differs between repeats of a seed, as does cuDNN's autotuned arithmetic. The test set
+does not depend on the seed.
+
+Every training uses all cases of its dataset (fold 0 of a ``splits_final.json`` written here; its
+validation cases, the first case annotating each organ, also train): method differences then come
+from the labels, not from a held-out share.
+
+Results: ``<workdir>/results.json`` gets each run as soon as it finishes; a re-run skips every run
+already there (an interrupted suite resumes; an interrupted training continues with ``--c``). A
+progress line per run gives the elapsed time and an estimate of what is left. At the end: per
+scenario and configuration a table of mean +- sd over seeds per organ and overall (Dice, HD95), the
+lost-organ rate (runs x organs with Dice < 0.1), train seconds per run, the headroom (oracle - naive
+and oracle - supervised baseline, in Dice points; < 5 points means methods cannot be ranked there),
+written to ``<workdir>/report.txt``, and a bar chart per configuration
+(``<workdir>/benchmark_suite_<configuration>.png``).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from nnunet_partial.evaluation import evaluate_folders, nanmean, save_results
+from nnunet_partial.experiment import Workspace, default_device
+from nnunet_partial.synthetic import DEFAULT_SHAPE, LABELS, ORGANS, SCENARIOS, Scenario, write_test_set
+
+ORACLE, NAIVE = "oracle", "nnUNetTrainer"
+DEFAULT_TRAINERS = [NAIVE, "nnUNetTrainerPartial", "nnUNetTrainerPartialEMA", "nnUNetTrainerCoWAM",
+                    "nnUNetTrainerMeanTeacher", ORACLE]
+DEFAULT_SCENARIOS = ["few-labels", "hard-anatomy", "semi"]
+LOST_DICE = 0.1          # an organ with a mean test Dice below this is lost
+HEADROOM_POINTS = 5.0    # oracle - baseline below this (Dice points): the scenario cannot rank methods
+FOLD = "0"
+DATASET_ID_BASE = 900    # each (scenario, seed) has its own nnU-Net folders, so ids repeat across them
+SEEDED_TRAIN = "_seeded-train"   # internal sub-command: nnUNetv2_train after seeding the process
+TEST_SEED = 10_000
+
+
+# ---------------------------------------------------------------------- runs
+@dataclass(frozen=True)
+class Run:
+    scenario: Scenario
+    configuration: str
+    schedule: str
+    seed: int
+    method: str              # trainer base name, or ORACLE
+
+    @property
+    def key(self) -> str:
+        return f"{self.scenario.name}/{self.configuration}/{self.schedule}/seed{self.seed}/{self.method}"
+
+    @property
+    def trainer(self) -> str:
+        return f"{NAIVE if self.method == ORACLE else self.method}_{self.schedule}"
+
+    @property
+    def dataset_key(self) -> Optional[str]:
+        return "oracle" if self.method == ORACLE else self.scenario.dataset_for(self.method)
+
+
+def method_label(method: str, dataset_key: Optional[str]) -> str:
+    if method == ORACLE:
+        return "oracle (nnUNetTrainer, full labels)"
+    if method == NAIVE:
+        return "naive (nnUNetTrainer)"
+    return method if dataset_key in (None, "partial") else f"{method} [{dataset_key} cases]"
+
+
+def resolve_schedule(schedule: Optional[str], configuration: str, device: str) -> str:
+    """Default budget: 'bench' (10 x 50); on CPU 3d_fullres gets 'demo' (12 x 25), ~40 % less time."""
+    if schedule:
+        return schedule
+    return "demo" if device == "cpu" and configuration.startswith("3d") else "bench"
+
+
+def unknown_trainers(names) -> list:
+    """Trainer names that neither nnunet-partial nor nnU-Net's own trainer folder define."""
+    from nnunet_partial.trainers import TRAINERS
+    missing = [n for n in names if n not in TRAINERS]
+    if not missing:
+        return []
+    import nnunetv2
+    from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
+    folder = os.path.join(nnunetv2.__path__[0], "training", "nnUNetTrainer")
+    return [n for n in missing if recursive_find_python_class(folder, n, "nnunetv2.training.nnUNetTrainer") is None]
+
+
+def parse_scenario_args(items) -> dict:
+    """``["few-labels.cases_per_source=2", ...]`` -> ``{"few-labels": {"cases_per_source": 2}}``."""
+    out: dict = {}
+    for item in items or []:
+        name, sep, value = item.partition("=")
+        scenario, dot, arg = name.rpartition(".")
+        if not (sep and dot) or scenario not in SCENARIOS:
+            raise SystemExit(f"--scenario-arg {item!r}: expected SCENARIO.ARG=VALUE with SCENARIO in {sorted(SCENARIOS)}")
+        try:
+            out.setdefault(scenario, {})[arg] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out.setdefault(scenario, {})[arg] = value
+    return out
+
+
+# ---------------------------------------------------------------------- results file
+class ResultStore:
+    """``results.json``: the settings that fix the data, and one record per finished run. Written
+    atomically after every run, so an interruption never leaves half a file."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.data = {"settings": {}, "runs": {}}
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    @property
+    def runs(self) -> dict:
+        return self.data["runs"]
+
+    def check_settings(self, settings: dict, scenario_args: dict) -> None:
+        """Cached data and runs are only valid for the settings they were made with."""
+        stored = self.data["settings"]
+        clashes = [f"{k}: {stored[k]} (stored) vs {v}" for k, v in settings.items() if k in stored and stored[k] != v]
+        old_args = stored.get("scenario_args", {})
+        clashes += [f"{s} arguments: {old_args[s]} (stored) vs {a}" for s, a in scenario_args.items()
+                    if s in old_args and old_args[s] != a]
+        if clashes:
+            raise SystemExit(f"{self.path} was made with other settings ({'; '.join(clashes)}): its data and runs "
+                             "do not apply; use another --workdir (or the stored settings)")
+        stored.update(settings)
+        stored["scenario_args"] = {**old_args, **scenario_args}
+
+    def add(self, key: str, record: dict) -> None:
+        self.runs[key] = record
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path + ".tmp"
+        save_results(self.data, tmp)     # NaN -> null, as every results file of this package
+        os.replace(tmp, self.path)
+
+
+# ---------------------------------------------------------------------- data
+def dataset_id_and_name(scenario: Scenario, key: str) -> tuple[int, str]:
+    did = DATASET_ID_BASE + list(scenario.datasets).index(key)
+    return did, f"Dataset{did:03d}_Suite{key.capitalize()}"
+
+
+def _cases(raw_dataset: str) -> list:
+    return sorted(f[: -len(".nii.gz")] for f in os.listdir(os.path.join(raw_dataset, "labelsTr")))
+
+
+def validation_cases(ws: Workspace, scenario: Scenario) -> list:
+    """The first case annotating each organ in the scenario's partial dataset (case names are shared
+    by its datasets whose plans match)."""
+    _, partial = dataset_id_and_name(scenario, "partial")
+    with open(os.path.join(ws.raw, partial, "dataset.json")) as f:
+        annotated = json.load(f).get("annotated_labels", {})
+    cases = _cases(os.path.join(ws.raw, partial))
+    val = []
+    for organ in ORGANS:
+        first = next((c for c in cases if organ in annotated.get(c, ORGANS)), None)
+        if first is not None and first not in val:
+            val.append(first)
+    return val
+
+
+def write_datasets(ws: Workspace, scenario: Scenario, seed: int, shape) -> None:
+    for key, spec in scenario.datasets.items():
+        did, full = dataset_id_and_name(scenario, key)
+        if not os.path.isdir(os.path.join(ws.raw, full)):   # written atomically by the writers
+            spec.writer(ws.raw, did, name=full.split("_", 1)[1], seed=seed, shape=shape, **spec.kwargs)
+
+
+def preprocess(ws: Workspace, scenario: Scenario, key: str, configuration: str) -> tuple[int, str]:
+    did, full = dataset_id_and_name(scenario, key)
+    folder = os.path.join(ws.preprocessed, full)
+    marker = os.path.join(folder, f".suite_preprocessed_{configuration}")
+    if not os.path.isfile(marker):   # the marker is written last: an interrupted preprocessing is redone
+        ws.plan_and_preprocess(did, [configuration])
+        cases = _cases(os.path.join(ws.raw, full))
+        val = [c for c in validation_cases(ws, scenario) if c in cases] or cases[:1]
+        with open(os.path.join(folder, "splits_final.json"), "w") as f:
+            json.dump([{"train": cases, "val": val}], f, indent=1)
+        open(marker, "w").close()
+    return did, full
+
+
+def test_set(workdir: str, scenario: Scenario, n: int, shape) -> tuple[str, str]:
+    folder = os.path.join(workdir, "test", scenario.name)
+    if not os.path.isdir(folder):
+        tmp = folder + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_test_set(tmp, n, shape, seed=TEST_SEED, anatomy=scenario.anatomy)
+        os.replace(tmp, folder)
+    return os.path.join(folder, "imagesTs"), os.path.join(folder, "labelsTs")
+
+
+# ---------------------------------------------------------------------- one run
+def execute(run: Run, args, workdir: str) -> dict:
+    scenario = run.scenario
+    ws = Workspace(os.path.join(workdir, "runs", scenario.name, f"seed{run.seed}"),
+                   env={"nnUNet_n_proc_DA": str(args.da_workers)})
+    write_datasets(ws, scenario, run.seed, tuple(args.shape))
+    did, full = preprocess(ws, scenario, run.dataset_key, run.configuration)
+    images, labels = test_set(workdir, scenario, args.n_test, tuple(args.shape))
+
+    out = os.path.join(ws.results, full, f"{run.trainer}__nnUNetPlans__{run.configuration}", f"fold_{FOLD}")
+    timing = os.path.join(out, "suite_train_seconds.json")
+    if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+        resume = ["--c"] if os.path.isfile(os.path.join(out, "checkpoint_latest.pth")) else []
+        seconds = ws.run([sys.executable, os.path.abspath(__file__), SEEDED_TRAIN, str(run.seed), str(did),
+                          run.configuration, FOLD, "-tr", run.trainer, "-device", args.device, *resume],
+                         f"train_{did}_{run.trainer}_{run.configuration}")
+        with open(timing, "w") as f:
+            json.dump({"train_seconds": seconds, "resumed": bool(resume)}, f)
+    with open(timing) as f:
+        trained = json.load(f)
+
+    pred = os.path.join(ws.root, "predictions", f"{run.configuration}_{run.trainer}_{run.dataset_key}")
+    shutil.rmtree(pred, ignore_errors=True)
+    predict_seconds = ws.predict(did, run.configuration, run.trainer, images, pred, fold=FOLD, device=args.device,
+                                 extra=[] if args.tta else ["--disable_tta"])
+    scores = evaluate_folders(pred, labels, {o: LABELS[o] for o in ORGANS})
+    return {
+        "scenario": scenario.name, "configuration": run.configuration, "schedule": run.schedule, "seed": run.seed,
+        "method": run.method, "label": method_label(run.method, run.dataset_key), "trainer": run.trainer,
+        "dataset": full, "supervised_baseline": scenario.supervised, "device": args.device,
+        "augmentation_seeded": args.da_workers == 0,
+        "dice": {o: scores["mean"][o]["Dice"] for o in ORGANS},
+        "hd95": {o: scores["mean"][o]["HD95"] for o in ORGANS},
+        "mean_dice": scores["foreground_mean"]["Dice"], "mean_hd95": scores["foreground_mean"]["HD95"],
+        "train_seconds": trained["train_seconds"], "train_resumed": trained["resumed"],
+        "predict_seconds": predict_seconds, "n_test": len(scores["per_case"]), "evaluation": scores,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def seeded_train(argv) -> int:
+    """``SEED <nnUNetv2_train arguments>``: seed this process, then run nnU-Net's training entry point."""
+    import random
+
+    import torch
+
+    seed = int(argv[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    sys.argv = ["nnUNetv2_train", *argv[1:]]
+    from nnunetv2.run.run_training import run_training_entry
+    run_training_entry()
+    return 0
+
+
+# ---------------------------------------------------------------------- summary
+def _mean_sd(values) -> tuple[float, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def summarise(records, organs=ORGANS) -> dict:
+    """``{(scenario, configuration, schedule): {method: stats}}`` over seeds; methods in record order.
+
+    stats: n, seeds, label, dice/hd95 per organ and mean_dice/mean_hd95 as (mean, sd), lost (runs x
+    organs with Dice < LOST_DICE), of (runs x organs), train_seconds (mean), supervised_baseline.
+    """
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["scenario"], r["configuration"], r["schedule"]), {}).setdefault(r["method"], []).append(r)
+    out = {}
+    for group, methods in groups.items():
+        out[group] = {}
+        for method, runs in methods.items():
+            dice = {o: [r["dice"][o] for r in runs] for o in organs}
+            out[group][method] = {
+                "n": len(runs), "seeds": sorted(r["seed"] for r in runs), "label": runs[0]["label"],
+                "supervised_baseline": runs[0]["supervised_baseline"],
+                "dice": {o: _mean_sd(v) for o, v in dice.items()},
+                "hd95": {o: _mean_sd(r["hd95"][o] for r in runs) for o in organs},
+                "mean_dice": _mean_sd(r["mean_dice"] for r in runs),
+                "mean_hd95": _mean_sd(r["mean_hd95"] for r in runs),
+                # None (NaN in the file) = the organ is in neither prediction nor reference: not found either
+                "lost": sum(1 for v in dice.values() for d in v if d is None or not d >= LOST_DICE),
+                "of": len(runs) * len(organs),
+                "train_seconds": nanmean(r["train_seconds"] for r in runs if r["train_seconds"] is not None),
+            }
+    return out
+
+
+def headroom(methods: dict) -> dict:
+    """Oracle minus naive and oracle minus the scenario's supervised baseline, in Dice points."""
+    out = {}
+    oracle = methods.get(ORACLE)
+    for name, method in (("naive", NAIVE), ("supervised", next(iter(methods.values()))["supervised_baseline"])):
+        other = methods.get(method)
+        gap = None if oracle is None or other is None else 100 * (oracle["mean_dice"][0] - other["mean_dice"][0])
+        out[name] = {"method": method, "points": gap}
+    return out
+
+
+def _cell(mean_sd, digits: int) -> str:
+    m, s = mean_sd
+    if not np.isfinite(m):
+        return "n/a"
+    return f"{m:.{digits}f}" + (f"±{s:.{digits}f}" if np.isfinite(s) else "")
+
+
+def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: dict, organs=ORGANS) -> str:
+    name, configuration, schedule = group
+    seeds = sorted({s for m in methods.values() for s in m["seeds"]})
+    title = f"{name} ({scenario.description})" if scenario else name
+    lines = [f"== {title}; {configuration}, schedule {schedule}, seeds {' '.join(map(str, seeds))}"]
+    for metric, digits, unit in (("dice", 3, "Dice"), ("hd95", 1, "HD95 [mm], over the organs found")):
+        cols = list(organs) + ["mean"] + (["lost", "train s", "runs"] if metric == "dice" else [])
+        rows = []
+        for m in methods.values():
+            cells = [_cell(m[metric][o], digits) for o in organs] + [_cell(m[f"mean_{metric}"], digits)]
+            if metric == "dice":
+                t = m["train_seconds"]
+                cells += [f"{m['lost']}/{m['of']}", "n/a" if not np.isfinite(t) else f"{t:.0f}", str(m["n"])]
+            rows.append([m["label"]] + cells)
+        header = [f"{unit} (mean±sd over seeds)"] + cols
+        widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(f"{c:<{widths[0]}}" if i == 0 else f"{c:>{widths[i]}}" for i, c in enumerate(r))
+        lines += [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows] + [""]
+    for trainer, reason in skipped.items():
+        lines.append(f"{trainer}: not run here ({reason})")
+    for name, h in headroom(methods).items():
+        if h["points"] is None:
+            lines.append(f"headroom oracle - {name} ({h['method']}): n/a (needs both rows)")
+        else:
+            verdict = "ok" if h["points"] >= HEADROOM_POINTS else f"LOW (< {HEADROOM_POINTS:g}: methods cannot be ranked here)"
+            lines.append(f"headroom oracle - {name} ({h['method']}): {h['points']:+.1f} Dice points, {verdict}")
+    return "\n".join(lines)
+
+
+def plot(summary: dict, path_for, organs=ORGANS) -> list:
+    """One PNG per configuration: a panel per scenario, a bar per method (mean Dice, sd error bar),
+    the lost-organ count above each bar."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    by_config: dict = {}
+    for (scenario, configuration, schedule), methods in summary.items():
+        by_config.setdefault(configuration, []).append((scenario, schedule, methods))
+    paths = []
+    for configuration, panels in by_config.items():
+        width = max(5.0, 1.0 + 0.9 * max(len(m) for *_, m in panels) * len(panels))
+        fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.8), squeeze=False)
+        for ax, (scenario, schedule, methods) in zip(axes[0], panels):
+            names = list(methods)
+            means = [methods[n]["mean_dice"][0] for n in names]
+            sds = [np.nan_to_num(methods[n]["mean_dice"][1]) for n in names]
+            bars = ax.bar(range(len(names)), means, yerr=sds, capsize=4, color=[f"C{i}" for i in range(len(names))])
+            for bar, n in zip(bars, names):
+                ax.text(bar.get_x() + bar.get_width() / 2, 1.02, f"lost {methods[n]['lost']}/{methods[n]['of']}",
+                        ha="center", fontsize=7)
+            ax.set_xticks(range(len(names)), [n.replace("nnUNetTrainer", "") or "naive" for n in names],
+                          rotation=35, ha="right", fontsize=8)
+            ax.set_ylim(0, 1.1)
+            ax.set_title(f"{scenario} ({schedule})", fontsize=10)
+            ax.set_ylabel("mean Dice over organs (± sd over seeds)")
+        fig.suptitle(f"nnunet-partial benchmark suite, {configuration}")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        path = path_for(configuration)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------- main
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds < 3600 else f"{seconds / 3600:.1f} h"
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="bench_suite")
+    p.add_argument("--scenarios", nargs="+", default=DEFAULT_SCENARIOS, choices=sorted(SCENARIOS))
+    p.add_argument("--scenario-arg", nargs="+", default=[], metavar="SCENARIO.ARG=VALUE",
+                   help="keyword arguments of a scenario function, e.g. few-labels.cases_per_source=2")
+    p.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS,
+                   help=f"trainer base names (schedule suffix appended) and '{ORACLE}'; default: %(default)s")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("-c", "--configuration", nargs="+", default=["2d", "3d_fullres"])
+    p.add_argument("--schedule", default=None,
+                   help="schedule suffix (tiny, demo, bench, 10epochs, ...); default bench, on CPU demo for 3d")
+    p.add_argument("--shape", nargs=3, type=int, default=list(DEFAULT_SHAPE), metavar=("Z", "Y", "X"))
+    p.add_argument("--n-test", type=int, default=6)
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation when predicting")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--da-workers", type=int, default=None,
+                   help="nnUNet_n_proc_DA for training; 0 (default on CPU) keeps augmentation seeded")
+    p.add_argument("--report-only", action="store_true", help="print the report from results.json, run nothing")
+    args = p.parse_args(argv)
+    args.device = args.device or default_device()
+    if args.da_workers is None:
+        env = os.environ.get("nnUNet_n_proc_DA")
+        args.da_workers = int(env) if env else (0 if args.device == "cpu" else min(8, os.cpu_count() or 1))
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == SEEDED_TRAIN:
+        return seeded_train(argv[1:])
+    args = parse_args(argv)
+    scenario_args = parse_scenario_args(args.scenario_arg)
+    try:
+        scenarios = {s: SCENARIOS[s](**scenario_args.get(s, {})) for s in args.scenarios}
+    except TypeError as e:
+        raise SystemExit(f"--scenario-arg: {e}")
+    workdir = os.path.abspath(args.workdir)
+    os.makedirs(workdir, exist_ok=True)
+    store = ResultStore(os.path.join(workdir, "results.json"))
+    store.check_settings({"shape": list(args.shape), "n_test": args.n_test, "tta": args.tta,
+                          "test_seed": TEST_SEED}, {s: scenario_args.get(s, {}) for s in args.scenarios})
+
+    runs, skipped = [], {}
+    for scenario in scenarios.values():
+        for configuration in args.configuration:
+            schedule = resolve_schedule(args.schedule, configuration, args.device)
+            group = (scenario.name, configuration, schedule)
+            skipped[group] = {t: scenario.not_applicable[t] for t in args.trainers if scenario.dataset_for(t) is None
+                              and t != ORACLE}
+            runs += [Run(scenario, configuration, schedule, seed, t) for seed in args.seeds for t in args.trainers
+                     if t == ORACLE or scenario.dataset_for(t) is not None]
+    missing = unknown_trainers(sorted({r.trainer for r in runs}))
+    if missing:
+        raise SystemExit(f"no trainer class named {', '.join(missing)} (nnunet_partial.trainers or nnU-Net); "
+                         "drop it from --trainers or pick another --schedule")
+
+    failures = []
+    if not args.report_only:
+        store.save()
+        todo = [r for r in runs if r.key not in store.runs]
+        print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store.path}; device {args.device}, "
+              f"augmentation workers {args.da_workers}", flush=True)
+        t_start, done = time.time(), 0
+        for i, run in enumerate(runs, 1):
+            head = f"[{i}/{len(runs)}] {run.scenario.name} {run.configuration} seed {run.seed} {run.trainer}"
+            if run.key in store.runs:
+                print(f"{head}: reused from results.json", flush=True)
+                continue
+            print(f"{head}: running ({run.dataset_key} dataset)", flush=True)
+            t0 = time.time()
+            try:
+                record = execute(run, args, workdir)
+            except RuntimeError as e:   # a failed nnU-Net command: note it, go on with the others
+                failures.append(run.key)
+                print(f"{head}: FAILED {str(e).splitlines()[0]}", flush=True)
+                continue
+            store.add(run.key, record)
+            done += 1
+            elapsed = time.time() - t_start
+            left = sum(1 for r in runs[i:] if r.key not in store.runs)
+            print(f"{head}: mean Dice {record['mean_dice']:.3f}, train {record['train_seconds']:.0f} s, "
+                  f"run {time.time() - t0:.0f} s; elapsed {_duration(elapsed)}, about "
+                  f"{_duration(elapsed / done * left)} left ({left} runs)", flush=True)
+
+    records = [store.runs[r.key] for r in runs if r.key in store.runs]
+    summary = summarise(records)
+    report = "\n\n".join(format_group(g, m, scenarios.get(g[0]), skipped.get(g, {})) for g, m in summary.items())
+    report += f"\n\nlost organ: mean test Dice < {LOST_DICE}; runs x organs counted. Results: {store.path}"
+    if summary:
+        pngs = plot(summary, lambda c: os.path.join(workdir, f"benchmark_suite_{c}.png"))
+        report += "\nFigures: " + ", ".join(pngs)
+    with open(os.path.join(workdir, "report.txt"), "w") as f:
+        f.write(report + "\n")
+    print("\n" + report)
+    if failures:
+        print(f"\n{len(failures)} runs failed (logs under {workdir}/runs/*/*/logs): {', '.join(failures)}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""scripts/benchmark_suite.py and the scenario support of nnunet_partial/synthetic.py: generator
+determinism (defaults unchanged), scenarios sharing images with their oracle, the summary maths, and
+the suite end to end at a tiny budget (real nnU-Net CLI), including resume."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from nnunet_helpers import REPO_ROOT
+from nnunet_partial.synthetic import (ANATOMIES, LABELS, SCENARIOS, make_phantom, write_partial_dataset,
+                                      write_test_set)
+
+SCRIPT = os.path.join(REPO_ROOT, "scripts", "benchmark_suite.py")
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("benchmark_suite", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+suite = _load_suite()
+
+
+def _hash(*arrays) -> str:
+    h = hashlib.sha256()
+    for a in arrays:
+        h.update(a.tobytes())
+        h.update(f"{a.dtype}{a.shape}".encode())
+    return h.hexdigest()[:16]
+
+
+def _read(folder: str, sub: str, name: str) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, sub, name)))
+
+
+# ---------------------------------------------------------------------- generator
+def test_default_phantoms_and_datasets_are_unchanged(tmp_path):
+    # hashes taken before scenario support was added: the demo, the old benchmarks and the tests rely on them
+    assert _hash(*make_phantom(0)) == "21c919ee65f50849"
+    assert _hash(*make_phantom(7, (12, 24, 24))) == "c733ce6fc6330ff7"
+    folder = write_partial_dataset(str(tmp_path), 77, "T", cases_per_source=1, n_full=1, n_unlabelled=1,
+                                   shape=(12, 24, 24), seed=3)
+    arrays = [_read(folder, sub, n) for sub in ("imagesTr", "labelsTr")
+              for n in sorted(os.listdir(os.path.join(folder, sub)))]
+    assert _hash(*arrays) == "fc9eddf1fe2ba01a"
+    with open(os.path.join(folder, "dataset.json"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest()[:16] == "f4628c12544dab8b"
+
+
+def test_hard_and_small_anatomies_change_only_their_organs():
+    default_img, default_lab = make_phantom(5)
+    for name in ("hard", "small"):
+        img, lab = make_phantom(5, anatomy=name)
+        assert np.array_equal(img, make_phantom(5, anatomy=name)[0])          # deterministic per seed
+        outside = (lab == 0) & (default_lab == 0)
+        assert np.array_equal(img[outside], default_img[outside])             # same body and noise draws
+        assert set(np.unique(lab)) == {0, 1, 2, 3, 4}
+        assert (lab == 4).sum() < 0.4 * (default_lab == 4).sum()              # small, thin pancreas
+    img, lab = make_phantom(5, anatomy="hard")
+    kidney, spleen = img[lab == 2].astype(float), img[lab == 3].astype(float)
+    assert abs(kidney.mean() - spleen.mean()) < 0.5 * kidney.std()           # intensity does not tell them apart
+    assert default_img[default_lab == 2].mean() > 120                        # unlike the default kidney
+    img, lab = make_phantom(5, anatomy="small")
+    assert (lab == 2).sum() < 0.3 * (default_lab == 2).sum()
+    with pytest.raises(ValueError, match="unknown anatomy"):
+        make_phantom(0, anatomy="nope")
+    assert set(ANATOMIES) >= {"default", "hard", "small"}
+
+
+@pytest.mark.parametrize("name,kwargs", [("few-labels", {"cases_per_source": 2, "n_unlabelled": 1}),
+                                         ("hard-anatomy", {"cases_per_source": 1}),
+                                         ("semi", {"n_labelled": 1, "n_unlabelled": 2})])
+def test_scenario_datasets_share_images_with_the_oracle(tmp_path, name, kwargs):
+    scenario = SCENARIOS[name](**kwargs)
+    folders = {key: spec.writer(str(tmp_path), 900 + i, name=f"S{key}", seed=2, shape=(8, 16, 16), **spec.kwargs)
+               for i, (key, spec) in enumerate(scenario.datasets.items())}
+    meta = {k: json.load(open(os.path.join(f, "dataset.json"))) for k, f in folders.items()}
+    assert "annotated_labels" in meta["partial"] and "annotated_labels" not in meta["oracle"]
+    partial_cases = sorted(os.listdir(os.path.join(folders["partial"], "imagesTr")))
+    oracle_cases = sorted(os.listdir(os.path.join(folders["oracle"], "imagesTr")))
+    assert len(partial_cases) == len(oracle_cases)
+    # the same images in plan order (case names differ only in the semi oracle: full_00k for all)
+    order = lambda names: sorted(names, key=lambda n: (not n.startswith(("liver", "kidney", "spleen", "pancreas",
+                                                                            "full")), n))
+    for p, o in zip(order(partial_cases), order(oracle_cases)):
+        if name != "semi":
+            assert p == o
+        assert np.array_equal(_read(folders["partial"], "imagesTr", p), _read(folders["oracle"], "imagesTr", o))
+    # oracle labels hold every organ of the image; partial labels a subset of them
+    for p in partial_cases:
+        lab_p = _read(folders["partial"], "labelsTr", p.replace("_0000", ""))
+        annotated = meta["partial"]["annotated_labels"][p.replace("_0000.nii.gz", "")]
+        assert set(np.unique(lab_p)) <= {0} | {LABELS[o] for o in annotated}
+    if name == "semi":
+        assert meta["partial"]["numTraining"] == 3 and meta["labelled"]["numTraining"] == 1
+        assert np.array_equal(_read(folders["labelled"], "imagesTr", "full_001_0000.nii.gz"),
+                              _read(folders["partial"], "imagesTr", "full_001_0000.nii.gz"))
+        assert scenario.dataset_for("nnUNetTrainerPartial") == "labelled"
+        assert scenario.dataset_for("nnUNetTrainerMeanTeacher") == "partial"
+    if name == "hard-anatomy":
+        assert scenario.dataset_for("nnUNetTrainerMeanTeacher") is None   # no unlabelled cases
+        # the scenario's anatomy reaches the files: kidney_001 is case 1 of the plan (liver, kidney, ...)
+        img, lab = make_phantom(2 * 100003 + 1, (8, 16, 16), "hard")
+        assert np.array_equal(_read(folders["oracle"], "imagesTr", "kidney_001_0000.nii.gz"), img)
+        assert np.array_equal(_read(folders["oracle"], "labelsTr", "kidney_001.nii.gz"), lab)
+
+
+def test_test_set_follows_the_anatomy(tmp_path):
+    write_test_set(str(tmp_path), 1, (8, 16, 16), anatomy="hard")
+    expected = make_phantom(10_000, (8, 16, 16), "hard")[1]
+    assert np.array_equal(_read(str(tmp_path), "labelsTs", "test_000.nii.gz"), expected)
+
+
+# ---------------------------------------------------------------------- summary maths
+def _record(method, seed, dice, scenario="few-labels"):
+    return {"scenario": scenario, "configuration": "2d", "schedule": "bench", "seed": seed, "method": method,
+            "label": method, "supervised_baseline": "nnUNetTrainerPartial",
+            "dice": dict(zip(("liver", "kidney", "spleen", "pancreas"), dice)),
+            "hd95": dict(zip(("liver", "kidney", "spleen", "pancreas"), (2.0, 3.0, None, 4.0))),
+            "mean_dice": float(np.mean([d for d in dice if d is not None])), "mean_hd95": 3.0, "train_seconds": 100.0 + seed}
+
+
+def test_summary_headroom_and_lost_organs():
+    records = [_record("nnUNetTrainer", 0, (0.9, 0.05, 0.0, 0.0)), _record("nnUNetTrainer", 1, (0.8, 0.5, 0.2, None)),
+               _record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.6)),
+               _record("nnUNetTrainerPartial", 1, (0.9, 0.9, 0.8, 0.76)),
+               _record("oracle", 0, (0.95, 0.95, 0.9, 0.8)), _record("oracle", 1, (0.95, 0.95, 0.9, 0.8))]
+    summary = suite.summarise(records)
+    methods = summary[("few-labels", "2d", "bench")]
+    assert list(methods) == ["nnUNetTrainer", "nnUNetTrainerPartial", "oracle"]
+    naive = methods["nnUNetTrainer"]
+    assert naive["lost"] == 4 and naive["of"] == 8          # 0.05, 0.0, 0.0 and a missing (None) organ
+    assert naive["dice"]["liver"] == pytest.approx((0.85, np.std([0.9, 0.8], ddof=1)))
+    assert np.isnan(naive["hd95"]["spleen"][0]) and naive["train_seconds"] == pytest.approx(100.5)
+    assert methods["oracle"]["lost"] == 0 and methods["oracle"]["mean_dice"][1] == pytest.approx(0.0)
+    gaps = suite.headroom(methods)
+    assert gaps["naive"]["points"] == pytest.approx(100 * (0.9 - np.mean([0.2375, 0.5])))
+    assert gaps["supervised"]["points"] == pytest.approx(100 * (0.9 - 0.82))
+    text = suite.format_group(("few-labels", "2d", "bench"), methods, None, {"nnUNetTrainerX": "why"})
+    assert "4/8" in text and "0.850±0.071" in text and "nnUNetTrainerX: not run here (why)" in text
+    assert "oracle - supervised (nnUNetTrainerPartial): +8.0 Dice points, ok" in text
+    assert "LOW" not in text
+    # a scenario without headroom says so
+    close = [_record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.6)), _record("oracle", 0, (0.9, 0.9, 0.8, 0.62))]
+    text = suite.format_group(("few-labels", "2d", "bench"), suite.summarise(close)[("few-labels", "2d", "bench")],
+                              None, {})
+    assert "+0.5 Dice points, LOW" in text and "oracle - naive (nnUNetTrainer): n/a" in text
+
+
+def test_cli_helpers(tmp_path):
+    assert suite.parse_scenario_args(["few-labels.cases_per_source=2", "semi.n_unlabelled=10"]) == \
+        {"few-labels": {"cases_per_source": 2}, "semi": {"n_unlabelled": 10}}
+    with pytest.raises(SystemExit, match="SCENARIO.ARG=VALUE"):
+        suite.parse_scenario_args(["nope.x=1"])
+    assert suite.resolve_schedule(None, "3d_fullres", "cpu") == "demo"
+    assert suite.resolve_schedule(None, "3d_fullres", "cuda") == suite.resolve_schedule(None, "2d", "cpu") == "bench"
+    assert suite.resolve_schedule("tiny", "3d_fullres", "cpu") == "tiny"
+    assert suite.unknown_trainers(["nnUNetTrainerPartial_bench", "nnUNetTrainer_5epochs", "nnUNetTrainerNope_bench"]) \
+        == ["nnUNetTrainerNope_bench"]
+    store = suite.ResultStore(str(tmp_path / "results.json"))
+    store.check_settings({"shape": [8, 16, 16]}, {"semi": {}})
+    store.add("a", {"x": float("nan")})
+    again = suite.ResultStore(str(tmp_path / "results.json"))
+    assert again.runs == {"a": {"x": None}}
+    again.check_settings({"shape": [8, 16, 16]}, {"few-labels": {"cases_per_source": 2}})   # new scenario: fine
+    with pytest.raises(SystemExit, match="other settings"):
+        again.check_settings({"shape": [16, 32, 32]}, {})
+    with pytest.raises(SystemExit, match="semi arguments"):
+        again.check_settings({}, {"semi": {"n_labelled": 3}})
+
+
+# ---------------------------------------------------------------------- end to end
+def _suite(workdir, trainers, env) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, SCRIPT, "--workdir", str(workdir), "--scenarios", "few-labels",
+           "--scenario-arg", "few-labels.cases_per_source=1", "few-labels.n_unlabelled=1",
+           "--trainers", *trainers, "--seeds", "0", "-c", "2d", "--schedule", "tiny", "--shape", "16", "32", "32",
+           "--n-test", "2", "--device", "cpu"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, time.time() - t0
+
+
+@pytest.mark.integration
+def test_suite_end_to_end_tiny_and_resume(tmp_path):
+    env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
+    workdir = tmp_path / "suite"
+    first, _ = _suite(workdir, ["nnUNetTrainerPartial", "oracle"], env)
+    assert "[1/2] few-labels 2d seed 0 nnUNetTrainerPartial_tiny: running (partial dataset)" in first.stdout
+    assert "[2/2] few-labels 2d seed 0 nnUNetTrainer_tiny: running (oracle dataset)" in first.stdout
+    assert "elapsed" in first.stdout and "left (1 runs)" in first.stdout and "left (0 runs)" in first.stdout
+    results = json.load(open(workdir / "results.json"))
+    keys = ["few-labels/2d/tiny/seed0/nnUNetTrainerPartial", "few-labels/2d/tiny/seed0/oracle"]
+    assert list(results["runs"]) == keys
+    partial, oracle = (results["runs"][k] for k in keys)
+    assert partial["dataset"] == "Dataset900_SuitePartial" and oracle["dataset"] == "Dataset901_SuiteOracle"
+    assert oracle["trainer"] == "nnUNetTrainer_tiny"
+    for record in (partial, oracle):
+        assert record["n_test"] == 2 and record["train_seconds"] > 0 and record["augmentation_seeded"]
+        assert set(record["dice"]) == {"liver", "kidney", "spleen", "pancreas"}
+        assert all(d is None or 0 <= d <= 1 for d in record["dice"].values())
+    report = (workdir / "report.txt").read_text()
+    assert "nnUNetTrainerPartial" in report and "oracle (nnUNetTrainer, full labels)" in report
+    assert "headroom oracle - supervised (nnUNetTrainerPartial): " in report and "/4" in report   # lost organs
+    assert report.strip() in first.stdout
+    assert (workdir / "benchmark_suite_2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # an interruption after the oracle's training, before its result was recorded: the re-run reuses the
+    # finished run, and for the oracle only predicts again (its checkpoint stays as it was)
+    checkpoint = (workdir / "runs" / "few-labels" / "seed0" / "nnUNet_results" / "Dataset901_SuiteOracle" /
+                  "nnUNetTrainer_tiny__nnUNetPlans__2d" / "fold_0" / "checkpoint_final.pth")
+    mtime = checkpoint.stat().st_mtime
+    del results["runs"][keys[1]]
+    json.dump(results, open(workdir / "results.json", "w"))
+    second, _ = _suite(workdir, ["nnUNetTrainerPartial", "oracle"], env)
+    assert "[1/2] few-labels 2d seed 0 nnUNetTrainerPartial_tiny: reused from results.json" in second.stdout
+    assert "[2/2] few-labels 2d seed 0 nnUNetTrainer_tiny: running" in second.stdout
+    assert checkpoint.stat().st_mtime == mtime
+    again = json.load(open(workdir / "results.json"))["runs"]
+    assert again[keys[0]] == partial
+    assert again[keys[1]]["train_seconds"] == oracle["train_seconds"]      # the training was not redone
+    assert again[keys[1]]["dice"] == oracle["dice"]                        # same checkpoint, same test set
