@@ -22,7 +22,6 @@ from typing import Dict, List
 import numpy as np
 import torch
 from torch import nn
-from torch import distributed as dist
 
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
@@ -96,14 +95,6 @@ class CandidateExportMixin:
                 for k, v in self.partial_tp_fp_fn(output, target, annotated).items():
                     out[f"{name}:{k}"] = v
         return out
-
-    def all_ranks(self, value) -> list:
-        """``[value]``, or every DDP rank's value."""
-        if not self.is_ddp:
-            return [value]
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, value)
-        return gathered
 
     def on_validation_epoch_end(self, val_outputs: List[dict]):
         collated = collate_outputs(val_outputs)

@@ -179,15 +179,19 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         out["probability_sum"] = torch.softmax(output.float(), 1).sum(reduce).detach().cpu().numpy()
         return out
 
+    def all_ranks(self, value) -> list:
+        """``[value]``, or every DDP rank's value."""
+        if not self.is_ddp:
+            return [value]
+        import torch.distributed as dist
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def log_class_diagnostics(self, collated: dict, prefix: str = "") -> None:
         """Per-epoch share of voxels predicted as each class and mean probability per class (incl. background)."""
-        predicted = np.sum(collated[f"{prefix}predicted_voxels"], 0)
-        probability = np.sum(collated[f"{prefix}probability_sum"], 0)
-        if self.is_ddp:
-            import torch.distributed as dist
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, (predicted, probability))
-            predicted, probability = (np.sum([g[i] for g in gathered], 0) for i in (0, 1))
+        predicted, probability = (np.sum(self.all_ranks(np.sum(collated[f"{prefix}{key}"], 0)), 0)
+                                  for key in ("predicted_voxels", "probability_sum"))
         total = max(float(predicted.sum()), 1.0)
         self.logger.log("predicted_fraction_per_class", (predicted / total).tolist(), self.current_epoch)
         self.logger.log("mean_probability_per_class", (probability / total).tolist(), self.current_epoch)
