@@ -23,6 +23,12 @@ Stage 1 of CoWAM (``nnunet-partial teachers`` / ``pseudolabel``, nnunet_partial/
 - the teacher registry ``teachers.json`` in the parent's ``nnUNet_preprocessed`` folder:
   label name -> teacher dataset, trainer, plans, configurations, folds (:class:`TeacherRegistry`).
 
+Weak labels (the self-/mean-taught trainers of nnunet_partial/trainers/mlds.py use them):
+
+- ``"image_labels"``: case id -> the label names present in the image (image-level labels). A case
+  listed here contains no other organ: absence is information too. Cases not listed carry no
+  image-level labels.
+
 This module is the one place that reads and validates the key and turns it into per-batch
 tensors. Errors are :class:`PartialLabelError` with the case and the fix in the message.
 """
@@ -41,6 +47,7 @@ PROVENANCE_KEY = "case_provenance"
 PSEUDO_KEY = "pseudo_labels"
 PSEUDO_SOURCE_KEY = "pseudo_labels_from"
 TEACHER_OF_KEY = "teacher_of"
+IMAGE_LABELS_KEY = "image_labels"
 TEACHER_REGISTRY_FILE = "teachers.json"
 
 
@@ -85,6 +92,8 @@ class PartialAnnotations:
     annotated: Mapping[str, frozenset]  # case id -> frozenset of label values
     # case id -> label values filled by a teacher (``pseudo_labels``; cases without pseudo labels absent)
     pseudo: Mapping[str, frozenset] = field(default_factory=dict)
+    # case id -> label values present in the image (``image_labels``; cases without image labels absent)
+    image_labels: Mapping[str, frozenset] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +119,8 @@ class PartialAnnotations:
         annotated = _label_sets(dataset_json[ANNOTATED_KEY], ANNOTATED_KEY, "annotated", name_to_value, source)
         names_by_value = tuple(sorted(name_to_value, key=name_to_value.get))
         pseudo = _parse_pseudo_labels(dataset_json, name_to_value, annotated, source)
-        result = cls(label_names=names_by_value, annotated=annotated, pseudo=pseudo)
+        image_labels = _parse_image_labels(dataset_json, name_to_value, annotated, source)
+        result = cls(label_names=names_by_value, annotated=annotated, pseudo=pseudo, image_labels=image_labels)
         if case_ids is not None:
             result.check_cases(case_ids, source)
         return result
@@ -160,6 +170,12 @@ class PartialAnnotations:
         """The training view of a pseudo-labelled dataset: every pseudo label counts as annotated."""
         merged = {c: v | self.pseudo.get(c, frozenset()) for c, v in self.annotated.items()}
         return PartialAnnotations(label_names=self.label_names, annotated=merged)
+
+    def possible_labels(self) -> "PartialAnnotations":
+        """The labels each case may contain, as an annotations object (``annotated[case]``: its image-level
+        labels, every label for a case without them), e.g. for :meth:`annotated_mask` tables."""
+        possible = {c: self.image_labels.get(c, self.all_labels) for c in self.annotated}
+        return PartialAnnotations(label_names=self.label_names, annotated=possible)
 
     def is_unlabelled(self, case: str) -> bool:
         return len(self.annotated[case]) == 0
@@ -283,6 +299,20 @@ def _parse_pseudo_labels(dataset_json: Mapping, name_to_value: Mapping[str, int]
     if PSEUDO_SOURCE_KEY in dataset_json:
         check_pseudo_source(dataset_json[PSEUDO_SOURCE_KEY], source)
     return {c: v for c, v in pseudo.items() if v}
+
+
+def _parse_image_labels(dataset_json: Mapping, name_to_value: Mapping[str, int], annotated: Mapping[str, frozenset],
+                        source: str) -> dict[str, frozenset]:
+    """``image_labels`` -> case id -> label values present; ``{}`` without the key. Every case named must be a
+    training case (listed in ``annotated_labels``)."""
+    if IMAGE_LABELS_KEY not in dataset_json:
+        return {}
+    present = _label_sets(dataset_json[IMAGE_LABELS_KEY], IMAGE_LABELS_KEY, "present", name_to_value, source)
+    unknown = sorted(set(present) - set(annotated))
+    if unknown:
+        raise PartialLabelError(f"{source}: '{IMAGE_LABELS_KEY}' names case '{unknown[0]}', which is not a training "
+                                f"case (not in '{ANNOTATED_KEY}'). Fix the case id or remove the entry.")
+    return present
 
 
 PSEUDO_SOURCE_FIELDS = {"parent": str, "configuration": str, "fold": str, "trainer": str, "plans": str,

@@ -220,7 +220,7 @@ class Scenario:
 
 
 # trainers that need unlabelled cases in the training split
-SEMI_SUPERVISED_TRAINERS = ("nnUNetTrainerMeanTeacher",)
+SEMI_SUPERVISED_TRAINERS = ("nnUNetTrainerMeanTeacher", "nnUNetTrainerMLDSSelfTaught", "nnUNetTrainerMLDSMeanTaught")
 
 
 def _partial_and_oracle(anatomy: str = "default", **plan) -> dict:

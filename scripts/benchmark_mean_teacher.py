@@ -10,9 +10,8 @@ each trained with the real ``nnUNetv2_train`` (every case in training; validatio
 cases), predicted with ``nnUNetv2_predict`` on a separate fully labelled test set and scored with
 ``nnunet_partial.evaluation.evaluate_folders`` (Dice per organ).
 
-Speed (--part speed): stock nnUNetTrainer, nnUNetTrainerPartial and nnUNetTrainerMeanTeacher are
-built in one process on the semi dataset; each times ``train_step`` on the very same batches
-(drawn once from Mean Teacher's two-stream loader), interleaved so machine load hits all alike.
+Speed (--part speed): nnUNetTrainerPartial and nnUNetTrainerMeanTeacher against stock nnUNetTrainer on the
+semi dataset, paired steps on the same batches, by scripts/benchmark_speed.py (the one speed script).
 
     python scripts/benchmark_mean_teacher.py --part all --configuration 2d --schedule _demo
 """
@@ -22,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 
 def parse_args():
@@ -113,40 +111,13 @@ def accuracy(args, ws, names):
 
 # ---------------------------------------------------------------------- speed
 def speed(args, names):
-    import numpy as np
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_partial.trainers import nnUNetTrainerMeanTeacher, nnUNetTrainerPartial
-    from nnunet_partial.experiment import load_trainer
-
-    rows = []
-    for configuration in args.speed_configurations:
-        torch.manual_seed(0)
-        np.random.seed(0)
-        trainers = {name: load_trainer(cls, names[527], configuration, device=args.device) for name, cls in
-                    (("nnUNetTrainer", nnUNetTrainer), ("nnUNetTrainerPartial", nnUNetTrainerPartial),
-                     ("nnUNetTrainerMeanTeacher", nnUNetTrainerMeanTeacher))}
-        mt = trainers["nnUNetTrainerMeanTeacher"]
-        mt.global_step = mt.consistency_rampup_steps()  # steady state; the weight does not change the cost
-        dl, _ = mt.get_dataloaders()
-        batches = [next(dl) for _ in range(args.speed_steps + 1)]
-        times = {n: [] for n in trainers}
-        for i, batch in enumerate(batches):
-            for name, t in trainers.items():
-                t.network.train()
-                t0 = time.perf_counter()
-                t.train_step(batch)
-                if i > 0:  # the first step warms up allocators and caches
-                    times[name].append(time.perf_counter() - t0)
-        base = np.median(times["nnUNetTrainer"])
-        for name, ts in times.items():
-            rows.append((configuration, f"{mt.batch_size} ({mt.effective_labeled_batch_size()} labelled)",
-                         name, float(np.median(ts)), float(np.median(ts)) / base))
-    print(f"\nTrain step time, median of {args.speed_steps} identical batches per trainer (device {args.device}):")
-    header = f"{'configuration':<14}{'batch':<18}{'trainer':<28}{'s/step':>8}{'vs stock':>10}"
-    print(header + "\n" + "-" * len(header))
-    for c, b, n, s, r in rows:
-        print(f"{c:<14}{b:<18}{n:<28}{s:>8.3f}{r:>9.2f}x")
+    """Stock, Partial and Mean Teacher on the semi dataset, paired steps: scripts/benchmark_speed.py."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from benchmark_speed import main as benchmark_speed
+    benchmark_speed(["-d", names[527], "-c", *args.speed_configurations, "--sizes", "planned",
+                     "--trainers", "nnUNetTrainerPartial", "nnUNetTrainerMeanTeacher", "--steps", str(args.speed_steps),
+                     "--warmup", "1", "--device", args.device,
+                     "--json", os.path.join(args.workdir, "speed_mean_teacher.json")])
 
 
 def main():

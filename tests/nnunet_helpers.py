@@ -40,3 +40,72 @@ def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",), env: di
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 would crash it
     env["nnUNet_n_proc_DA"] = "1"
     run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2"], env=env)
+
+
+def resume_after_epoch_0(fold: str, train_cmd: list[str], env: dict) -> dict:
+    """Turn ``fold``'s final checkpoint into the one an interruption after epoch 0 leaves, run
+    ``train_cmd --c`` and return the new final checkpoint."""
+    import torch
+
+    final = os.path.join(fold, "checkpoint_final.pth")
+    ckpt = torch.load(final, map_location="cpu", weights_only=False)
+    ckpt["current_epoch"] = 1
+    torch.save(ckpt, os.path.join(fold, "checkpoint_latest.pth"))
+    os.remove(final)
+    run(train_cmd + ["--c"], env=env)
+    return torch.load(final, map_location="cpu", weights_only=False)
+
+
+def predict_one_test_case(folder: str, dataset_id: int, configuration: str, trainer: str, shape, env: dict):
+    """``nnUNetv2_predict`` (fold 0, CPU, no TTA) on one synthetic test image of ``shape``; the prediction array."""
+    import SimpleITK as sitk
+
+    from nnunet_partial.synthetic import write_test_set
+
+    images, _ = write_test_set(os.path.join(folder, "test"), 1, shape=shape)
+    out = os.path.join(folder, "pred")
+    run(["nnUNetv2_predict", "-i", images, "-o", out, "-d", str(dataset_id), "-c", configuration, "-tr", trainer,
+         "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=env)
+    return sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "test_000.nii.gz")))
+
+
+def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: str, label: str, value: int,
+                            dataset_id: int, plans_name: str = "nnUNetPlans", configuration: str = "2d",
+                            edit_plans=None, labels=None, channels=None, checkpoint: bool = True, seed: int = 0):
+    """A single-organ teacher of ``parent`` as ``nnunet-partial teachers`` + ``nnUNetv2_train`` leave it (results
+    folder with plans.json, dataset.json and a checkpoint), holding an untrained network of the parent's plans
+    ``plans_name`` (``edit_plans(configuration_dict)`` may change them). The registry entry."""
+    import copy
+    import json
+
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_partial.annotations import TeacherEntry
+
+    name = f"Dataset{dataset_id}_{parent.split('_', 1)[1]}Teacher{label.title()}"
+    with open(os.path.join(preprocessed, parent, f"{plans_name}.json")) as f:
+        plans = copy.deepcopy(json.load(f))
+    plans["dataset_name"] = name
+    if edit_plans:
+        edit_plans(plans["configurations"][configuration])
+    with open(os.path.join(preprocessed, parent, "dataset.json")) as f:
+        parent_dj = json.load(f)
+    dj = {"channel_names": channels or parent_dj["channel_names"], "labels": labels or {"background": 0, label: 1},
+          "numTraining": 3, "file_ending": parent_dj["file_ending"]}
+    folder = os.path.join(results, name, f"nnUNetTrainer__{plans_name}__{configuration}")
+    os.makedirs(os.path.join(folder, "fold_0"))
+    os.makedirs(os.path.join(raw, name))
+    for obj, file in ((plans, "plans.json"), (dj, "dataset.json")):
+        with open(os.path.join(folder, file), "w") as f:
+            json.dump(obj, f)
+    if checkpoint:
+        pm = PlansManager(plans)
+        torch.manual_seed(seed)
+        net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration),
+                                                       len(dj["channel_names"]), len(dj["labels"]),
+                                                       enable_deep_supervision=False)
+        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
+                    "init_args": {"configuration": configuration}}, os.path.join(folder, "fold_0", "checkpoint_final.pth"))
+    return TeacherEntry(label, value, name, dataset_id, "nnUNetTrainer", plans_name, (configuration,), ("0",), 3)

@@ -29,7 +29,8 @@ from nnunet_partial.trainers import TRAINERS, get_trainer
 from nnunet_partial.trainers.candidates import CHECKPOINT_KEY
 from nnunet_partial.trainers.common import EMATwin, unwrap
 
-MULTI_NETWORK_TRAINERS = ["nnUNetTrainerCoWAM", "nnUNetTrainerMeanTeacher", "nnUNetTrainerPartialEMA"]
+MULTI_NETWORK_TRAINERS = ["nnUNetTrainerCoWAM", "nnUNetTrainerMeanTeacher", "nnUNetTrainerPartialEMA",
+                          "nnUNetTrainerMLDSMeanTaught"]
 WORLD_SIZE = 2
 GLOBAL_BATCH = 6   # 3 cases per rank: the labelled share (3) does not split evenly over the ranks
 STEPS = 2
@@ -124,6 +125,9 @@ def _worker(rank: int, trainer_name: str, dataset_name: str, folder: str) -> Non
             "twins": {n: (isinstance(t.module, DDP), any(p.requires_grad for p in t.module.parameters()))
                       for n, t in twins(trainer).items()},
             "exported": trainer.exported_candidate, "output_folder": trainer.output_folder,
+            # MS-KD: (DDP-wrapped, trainable, weights) of each rank's own teachers
+            "teachers": [(isinstance(t.network, DDP), any(p.requires_grad for p in t.network.parameters()),
+                          copy.deepcopy(t.network.state_dict())) for t in getattr(trainer, "teachers", [])],
         }
         gathered = [None] * WORLD_SIZE
         dist.all_gather_object(gathered, report)
@@ -182,6 +186,29 @@ def test_ddp_two_gloo_ranks(trainer_name, ddp_dataset, nnunet_env, tmp_path):
         env={**nnunet_env, "nnUNet_def_n_proc": "1"})
     prediction = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "test_000.nii.gz")))
     assert prediction.shape == (16, 32, 32) and set(np.unique(prediction)) <= {0, 1, 2, 3, 4}
+
+
+@pytest.mark.integration
+def test_ddp_mskd_each_rank_holds_its_own_frozen_teachers(ddp_dataset, nnunet_env, tmp_path):
+    """MS-KD under DDP: each rank loads the (untrained) teachers itself; they stay plain, frozen and equal
+    while the DDP-wrapped students agree although their batches differ."""
+    import pathlib
+    from test_mskd import write_registry, write_teacher
+    roots = {k: pathlib.Path(nnunet_env[k]) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    write_registry(roots, write_teacher(roots, "liver", 1, 606, parent=ddp_dataset.name),
+                   write_teacher(roots, "kidney", 2, 607, parent=ddp_dataset.name, seed=1), parent=ddp_dataset.name)
+    torch.multiprocessing.spawn(_worker, args=("nnUNetTrainerMSKD", ddp_dataset.name, str(tmp_path)),
+                                nprocs=WORLD_SIZE, join=True)
+    rank0, rank1 = torch.load(tmp_path / "ranks.pt", weights_only=False)
+    assert rank0["batch_size"] + rank1["batch_size"] == GLOBAL_BATCH and rank0["losses"] != rank1["losses"]
+    assert rank0["students_ddp"] == {"network": True}
+    assert_same(rank0["initial"], rank1["initial"])
+    assert_same(rank0["final"], rank1["final"])
+    assert len(rank0["teachers"]) == len(rank1["teachers"]) == 2
+    for (ddp0, grad0, weights0), (ddp1, grad1, weights1) in zip(rank0["teachers"], rank1["teachers"]):
+        assert not (ddp0 or grad0 or ddp1 or grad1)
+        assert_same(weights0, weights1)
+    assert os.path.isfile(tmp_path / "rank0.pth") and not os.path.exists(tmp_path / "rank1.pth")
 
 
 def test_labelled_share_per_rank():

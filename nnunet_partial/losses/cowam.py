@@ -52,7 +52,9 @@ def weighted_marginal_focal_loss(logits: torch.Tensor, target: torch.Tensor, ann
     logq = marginal_log_probs(logits, annotated)
     idx = _as_index(target, logits.ndim)
     logq_y = logq.gather(1, idx.unsqueeze(1)).squeeze(1)                      # (B, *S)
-    alpha = class_weights.to(device=logq_y.device, dtype=logq_y.dtype)[idx]   # (B, *S)
+    if class_weights.device != logq_y.device:   # trainers keep them on the device: no copy per call
+        class_weights = class_weights.to(logq_y.device)
+    alpha = class_weights.to(dtype=logq_y.dtype)[idx]                          # (B, *S)
     modulation = (1.0 - logq_y.exp()).clamp_min(0.0) ** gamma
     labelled = _per_case(annotated[:, 0], logq_y.ndim)
     # where() rather than a product: an unlabelled case must add exactly 0, never 0·inf

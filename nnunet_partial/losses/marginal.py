@@ -50,6 +50,12 @@ def marginal_log_probs(logits: torch.Tensor, annotated: torch.Tensor) -> torch.T
     return torch.cat((log_bg, out[:, 1:]), dim=1)
 
 
+def _foreground_classes(logits: torch.Tensor) -> torch.Tensor:
+    """(1, C-1, 1, ..., 1) label values 1..C-1, made on the logits' device (nothing crosses from the host)."""
+    classes = torch.arange(1, logits.shape[1], device=logits.device)
+    return classes.reshape(1, -1, *([1] * (logits.ndim - 2)))
+
+
 def _as_index(target: torch.Tensor, ndim: int) -> torch.Tensor:
     if target.ndim == ndim:
         target = target[:, 0]
@@ -84,10 +90,8 @@ class MarginalDiceLoss(nn.Module):
         probs = torch.softmax(_full_precision(logits), dim=1)[:, 1:]
         axes = tuple(range(2, logits.ndim))
         with torch.no_grad():
-            onehot = torch.zeros_like(probs, dtype=torch.bool)
-            idx = _as_index(target, logits.ndim)
-            for k in range(1, logits.shape[1]):
-                onehot[:, k - 1] = idx == k
+            # (B, C-1, *S) one-hot of the foreground labels in one broadcast comparison (no loop over labels)
+            onehot = _as_index(target, logits.ndim).unsqueeze(1) == _foreground_classes(logits)
             weight = annotated[:, 1:].to(probs.dtype)            # (B, C-1)
             sum_gt = onehot.sum(axes).to(probs.dtype) * weight
         intersect = (probs * onehot).sum(axes) * weight
@@ -98,10 +102,10 @@ class MarginalDiceLoss(nn.Module):
                 parts = tuple(AllGatherGrad.apply(t).sum(0) for t in parts)
             intersect, sum_pred, sum_gt, weight = (t.sum(0) for t in parts)
         present = weight > 0
-        if not present.any():
-            return probs.sum() * 0.0
         dc = (2 * intersect + self.smooth) / torch.clip(sum_gt + sum_pred + self.smooth, 1e-8)
-        return -dc[present].mean()
+        # mean over the present entries without leaving the device (no `if present.any()`, no boolean
+        # indexing: both wait for the GPU); no present entry: 0 with the graph attached
+        return -(torch.where(present, dc, 0.0).sum() / present.sum().clamp_min(1))
 
 
 class MarginalDCandCELoss(nn.Module):

@@ -11,6 +11,9 @@ from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
+from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
+                                         nnUNetTrainerMLDSSelfTaught)
+from nnunet_partial.trainers.mskd import nnUNetTrainerMSKD
 
 BASE_TRAINERS = [
     nnUNetTrainerPartial,
@@ -18,6 +21,10 @@ BASE_TRAINERS = [
     nnUNetTrainerCoWAM,
     nnUNetTrainerMeanTeacher,
     nnUNetTrainerCoWAMPseudo,
+    nnUNetTrainerMLDS,
+    nnUNetTrainerMLDSSelfTaught,
+    nnUNetTrainerMLDSMeanTaught,
+    nnUNetTrainerMSKD,
 ]
 
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short

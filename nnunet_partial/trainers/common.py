@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 from torch._dynamo import OptimizedModule
@@ -125,6 +126,13 @@ def batch_to_device(batch: dict, device: torch.device):
     else:
         target = target.to(device, non_blocking=True)
     return data, target
+
+
+def host_values(values: Sequence[torch.Tensor]) -> np.ndarray:
+    """(n,) float32 array of ``n`` scalar tensors with one device→host copy: the one host sync per step
+    that nnU-Net's own ``train_step`` makes (``loss.cpu().numpy()``), shared by every value a step logs.
+    ``host_values(...)[i, ...]`` is the 0-d array nnU-Net's ``loss.detach().cpu().numpy()`` gives."""
+    return torch.stack([v.detach().float() for v in values]).cpu().numpy()
 
 
 def scaled_backward(loss: torch.Tensor, grad_scaler: Optional[torch.amp.GradScaler]) -> None:

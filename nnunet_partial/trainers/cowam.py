@@ -35,7 +35,7 @@ from nnunet_partial.losses.cowam import (CoWAMHardLoss, RegionSoftLoss, focal_cl
                                          load_or_count_label_voxels, mean_class_sizes)
 from nnunet_partial.trainers.candidates import CandidateExportMixin
 from nnunet_partial.trainers.common import (EMATwin, WeightAveragingSchedule, autocast_context, batch_to_device,
-                                            clip_and_step, scaled_backward, sigmoid_rampup, unwrap)
+                                            clip_and_step, host_values, scaled_backward, sigmoid_rampup, unwrap)
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 
 
@@ -124,9 +124,10 @@ class nnUNetTrainerCoWAM(WeightAveragingSchedule, CandidateExportMixin, nnUNetTr
         hard = super()._build_loss()
         ds_weights = hard.weight_factors if isinstance(hard, DeepSupervisionWrapper) else None
         if self.hard_loss == "focal":
+            # .to(device): the class weights live on the device, not copied there in every loss call
             hard = CoWAMHardLoss(self.compute_focal_class_weights(), gamma=self.focal_gamma,
                                  weight_focal=self.lambda_focal, weight_dice=self.lambda_dice,
-                                 batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp)
+                                 batch_dice=self.configuration_manager.batch_dice, ddp=self.is_ddp).to(self.device)
             if ds_weights is not None:
                 hard = DeepSupervisionWrapper(hard, ds_weights)
         self.soft_loss = RegionSoftLoss()
@@ -235,8 +236,10 @@ class nnUNetTrainerCoWAM(WeightAveragingSchedule, CandidateExportMixin, nnUNetTr
         self.ema1.update(self.network)
         self.ema2.update(self.network2)
         self.global_step += 1
-        return {key: sum(t[name] for t in terms).cpu().numpy()
-                for key, name in (("loss", "loss"), ("hard_loss", "hard"), ("soft_loss", "soft"))}
+        # both students summed, one device->host copy for the three values (nnU-Net's one sync per step)
+        keys = {"loss": "loss", "hard_loss": "hard", "soft_loss": "soft"}
+        values = host_values([sum(t[name] for t in terms) for name in keys.values()])
+        return {key: values[i, ...] for i, key in enumerate(keys)}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)

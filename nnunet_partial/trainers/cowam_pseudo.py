@@ -89,7 +89,7 @@ class nnUNetTrainerCoWAMPseudo(nnUNetTrainerCoWAM):
 
     # ------------------------------------------------------------------ validation: manual labels only
     def validation_step(self, batch: dict) -> dict:
-        self._scoring_mask = self.manual_annotations.annotated_mask(batch["keys"], self.device)
+        self._scoring_mask = self.annotated_mask_table(self.manual_annotations)(batch["keys"])
         try:
             return super().validation_step(batch)
         finally:

@@ -33,7 +33,7 @@ from nnunet_partial.dataloading import TwoStreamDataLoader, split_labelled_unlab
 from nnunet_partial.losses.consistency import ConsistencyLoss
 from nnunet_partial.trainers.candidates import CandidateExportMixin
 from nnunet_partial.trainers.common import (EMATwin, autocast_context, backward_and_step, batch_to_device,
-                                            sigmoid_rampup)
+                                            host_values, sigmoid_rampup)
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 
 LOG_KEYS = ("supervised_loss", "consistency_loss", "consistency_weight")
@@ -59,8 +59,42 @@ def _full_resolution(output):
     return output[0] if isinstance(output, (list, tuple)) else output
 
 
+def with_host_rows(mask: torch.Tensor, rows) -> torch.Tensor:
+    """``mask`` (a (B,) bool device tensor) with the positions of its True entries, known on the host from
+    the batch's keys, attached as ``mask.host_rows``. The helpers below then test and select cases from
+    those rows instead of reading the mask back from the device (``if mask.any()`` and ``x[mask]`` wait
+    for the GPU every step). A mask without rows takes the tensor path, as before."""
+    mask.host_rows = tuple(rows)
+    return mask
+
+
+def _host_rows(mask: torch.Tensor):
+    return getattr(mask, "host_rows", None)
+
+
+def _any(mask: torch.Tensor) -> bool:
+    rows = _host_rows(mask)
+    return bool(mask.any()) if rows is None else len(rows) > 0
+
+
+def _all(mask: torch.Tensor) -> bool:
+    rows = _host_rows(mask)
+    return bool(mask.all()) if rows is None else len(rows) == mask.shape[0]
+
+
+def _take_rows(t: torch.Tensor, rows: tuple) -> torch.Tensor:
+    """``t[rows]`` for host-known rows, in order: a view for consecutive rows (Mean Teacher's batches put
+    the labelled cases last), else one concatenation of views; no index tensor crosses to the device."""
+    if not rows or rows == tuple(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]:rows[0] + len(rows)] if rows else t[:0]
+    return torch.cat([t[i:i + 1] for i in rows])
+
+
 def _select_cases(x, mask: torch.Tensor):
-    return [t[mask] for t in x] if isinstance(x, (list, tuple)) else x[mask]
+    rows = _host_rows(mask)
+    if rows is None:
+        return [t[mask] for t in x] if isinstance(x, (list, tuple)) else x[mask]
+    return [_take_rows(t, rows) for t in x] if isinstance(x, (list, tuple)) else _take_rows(x, rows)
 
 
 class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
@@ -126,9 +160,13 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
     # ------------------------------------------------------------------ training
     def train_step(self, batch: dict) -> dict:
         data, target = batch_to_device(batch, self.device)
-        annotated = self.batch_annotated_mask(batch["keys"])
-        labelled = annotated.any(1)  # an unlabelled case has no annotated column, not even background
-        counted = ~labelled if self.consistency_on == "unlabelled" else torch.ones_like(labelled)
+        keys = batch["keys"]
+        annotated = self.batch_annotated_mask(keys)
+        labelled = self.labelled_cases(keys, annotated)
+        if self.consistency_on == "unlabelled":
+            counted = with_host_rows(~labelled, [i for i in range(len(keys)) if i not in labelled.host_rows])
+        else:
+            counted = with_host_rows(torch.ones_like(labelled), range(len(keys)))
         weight = self.current_consistency_weight()
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,29 +178,37 @@ class nnUNetTrainerMeanTeacher(CandidateExportMixin, nnUNetTrainerPartial):
         backward_and_step(loss, [(self.network, self.optimizer)], self.grad_scaler)
         self.teacher.update(self.network)
         self.global_step += 1
-        return {"loss": loss.detach().cpu().numpy(), "supervised_loss": supervised.item(),
-                "consistency_loss": consistency.item(), "consistency_weight": weight}
+        values = host_values([loss, supervised, consistency])   # one device->host copy, as nnU-Net's step
+        return {"loss": values[0, ...], "supervised_loss": float(values[1]),
+                "consistency_loss": float(values[2]), "consistency_weight": weight}
+
+    def labelled_cases(self, keys, annotated: torch.Tensor) -> torch.Tensor:
+        """(B,) bool device mask of the batch's labelled cases (``annotated.any(1)``: an unlabelled case has no
+        annotated column, not even background) carrying their rows, known on the host from the keys
+        (:func:`with_host_rows`): ``_supervised_part`` / ``_consistency_part`` then select cases without a sync."""
+        rows = [i for i, k in enumerate(keys) if self.annotations is None or not self.annotations.is_unlabelled(k)]
+        return with_host_rows(annotated.any(1), rows)
 
     def _supervised_part(self, output, target, annotated: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
         # on the labelled cases only: unlabelled ones would add zero-loss voxels to the CE mean
-        if not labelled.any():
+        if not _any(labelled):
             return _full_resolution(output).sum() * 0.0
-        if not labelled.all():
+        if not _all(labelled):
             output, target, annotated = (_select_cases(output, labelled), _select_cases(target, labelled),
-                                         annotated[labelled])
+                                         _select_cases(annotated, labelled))
         return self.supervised_loss(output, target, annotated)
 
     def _consistency_part(self, output, data: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
         student = _full_resolution(output)
-        if not counted.any():
+        if not _any(counted):
             return student.sum() * 0.0
         with torch.no_grad():
             # the teacher runs only on the cases that count: same augmented crops, plus noise
-            x = data[counted]
+            x = _select_cases(data, counted)
             noise = torch.clamp(torch.randn_like(x) * self.teacher_noise_std,
                                 -self.teacher_noise_clamp, self.teacher_noise_clamp)
             teacher = _full_resolution(self.teacher(x + noise))
-        return self.consistency_loss(student[counted], teacher)
+        return self.consistency_loss(_select_cases(student, counted), teacher)
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
         super().on_train_epoch_end(train_outputs)

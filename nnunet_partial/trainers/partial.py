@@ -38,6 +38,26 @@ from nnunet_partial.trainers.common import autocast_context, backward_and_step, 
 DIAGNOSTIC_LOG_KEYS = ("predicted_fraction_per_class", "mean_probability_per_class")
 
 
+class AnnotatedMaskTable:
+    """:meth:`PartialAnnotations.annotated_mask` of every case, built once on the trainer's device.
+
+    A batch's (B, C) mask is then a stack of row views: one kernel, no per-step loop over labels on
+    the host and no host→device copy (a blocking ``.to(device)`` of a pageable array waits for the GPU).
+    """
+
+    def __init__(self, annotations: PartialAnnotations, device: torch.device):
+        self.annotations, self.device = annotations, device
+        cases = sorted(annotations.annotated)
+        self.row_of = {case: i for i, case in enumerate(cases)}
+        self.rows = annotations.annotated_mask(cases, device).unbind(0)
+
+    def __call__(self, keys) -> torch.Tensor:
+        try:
+            return torch.stack([self.rows[self.row_of[k]] for k in keys])
+        except KeyError:
+            return self.annotations.annotated_mask(keys, self.device)   # raises the error naming the case
+
+
 class nnUNetTrainerPartial(nnUNetTrainer):
     # every batch holds, as far as batch size allows, a case annotating each label (partial data only)
     annotation_aware_sampling: bool = True
@@ -55,6 +75,8 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         if self.annotations is not None and self.preprocessed_dataset_folder is not None \
                 and os.path.isdir(self.preprocessed_dataset_folder):
             validate_preprocessed(self.annotations, self.preprocessed_dataset_folder, self.dataset_class)
+        if self.annotations is not None:
+            self.annotated_mask_table(self.annotations)   # built now, not in the first train step
         register_log_keys(self.logger, DIAGNOSTIC_LOG_KEYS)
 
     # ------------------------------------------------------------------ split and sampling
@@ -140,17 +162,30 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             return stock
         loss = MarginalDCandCELoss(batch_dice=self.configuration_manager.batch_dice, smooth=1e-5,
                                    ddp=self.is_ddp, weight_ce=1, weight_dice=1)
+        if self._do_i_compile():
+            # nnU-Net compiles its Dice when it compiles the network (CUDA); marginal CE + Dice trace into one
+            # graph without breaks (tests/test_host_sync.py), so torch.compile fuses both
+            loss = torch.compile(loss)
         if isinstance(stock, DeepSupervisionWrapper):
             # same per-scale weights as nnU-Net (halving per scale, lowest scale 0, normalised)
             loss = DeepSupervisionWrapper(loss, stock.weight_factors)
         return loss
 
     # ------------------------------------------------------------------ helpers for subclasses
+    def annotated_mask_table(self, annotations: PartialAnnotations) -> AnnotatedMaskTable:
+        """The device-side mask table of ``annotations`` (built on first use, one per annotations object)."""
+        tables = self.__dict__.setdefault("_annotated_mask_tables", {})
+        table = tables.get(id(annotations))
+        if table is None or table.annotations is not annotations or table.device != self.device:
+            table = tables[id(annotations)] = AnnotatedMaskTable(annotations, self.device)
+        return table
+
     def batch_annotated_mask(self, keys) -> torch.Tensor:
-        """(B, C) bool mask of annotated labels for the cases of a batch (all True on stock data)."""
+        """(B, C) bool mask of annotated labels for the cases of a batch (all True on stock data), on the
+        device, from the table built at ``initialize``: no host work beyond B dictionary look-ups."""
         if self.annotations is None:
             return full_annotation_mask(len(keys), self.label_manager.num_segmentation_heads, self.device)
-        return self.annotations.annotated_mask(keys, self.device)
+        return self.annotated_mask_table(self.annotations)(keys)
 
     def supervised_loss(self, output, target, annotated: torch.Tensor) -> torch.Tensor:
         """``self.loss`` on one network output (list with deep supervision) and its targets."""
@@ -170,14 +205,15 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         onehot.scatter_(1, output.argmax(1, keepdim=True), 1)
         tp, fp, fn, _ = get_tp_fp_fn_tn(onehot, target, axes=axes)
         weight = annotated.to(tp.dtype)
-        out = {name: (v * weight).sum(0)[1:].detach().cpu().numpy()
-               for name, v in (("tp_hard", tp), ("fp_hard", fp), ("fn_hard", fn))}
+        parts = {name: (v * weight).sum(0)[1:] for name, v in (("tp_hard", tp), ("fp_hard", fp), ("fn_hard", fn))}
         # diagnostics over every case (annotated or not: an organ is in every image): voxels predicted as
         # each class and summed softmax probability, per class incl. background; a dying class shows here
         reduce = [0] + axes
-        out["predicted_voxels"] = onehot.sum(reduce).detach().cpu().numpy()
-        out["probability_sum"] = torch.softmax(output.float(), 1).sum(reduce).detach().cpu().numpy()
-        return out
+        parts["predicted_voxels"] = onehot.sum(reduce)
+        parts["probability_sum"] = torch.softmax(output.float(), 1).sum(reduce)
+        # one device->host copy for all five
+        host = torch.cat([v.detach().float() for v in parts.values()]).cpu().numpy()
+        return dict(zip(parts, np.split(host, np.cumsum([v.numel() for v in parts.values()])[:-1])))
 
     def all_ranks(self, value) -> list:
         """``[value]``, or every DDP rank's value."""
