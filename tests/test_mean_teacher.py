@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_helpers import load_trainer, run
+from nnunet_helpers import load_trainer, predict_one_test_case, resume_after_epoch_0, run
 
 from nnunet_partial.dataloading import (SemiSupervisedSplitError, ShuffledStream, TwoStreamDataLoader,
                                         split_labelled_unlabelled)
@@ -256,8 +256,6 @@ def test_kl_subclass_and_bad_option(semi_dataset):
 # ---------------------------------------------------------------------- end to end (real CLIs)
 @pytest.mark.integration
 def test_cli_train_resume_predict(semi_dataset, nnunet_env, tmp_path):
-    from nnunet_partial.synthetic import write_test_set
-
     name = "nnUNetTrainerMeanTeacher_tiny"
     assert get_trainer(name).__mro__[1] is nnUNetTrainerMeanTeacher
     train = ["nnUNetv2_train", str(semi_dataset.dataset_id), "3d_fullres", "0", "-tr", name, "-device", "cpu"]
@@ -275,19 +273,10 @@ def test_cli_train_resume_predict(semi_dataset, nnunet_env, tmp_path):
     log = open(sorted(glob.glob(os.path.join(fold, "training_log_*.txt")))[0]).read()
     assert "Two-stream sampling: 5 labelled and 5 unlabelled training cases, 1 labelled per batch of 2" in log
 
-    # --c: turn the final checkpoint into the one an interruption after epoch 0 would leave
-    ckpt["current_epoch"] = 1
-    torch.save(ckpt, os.path.join(fold, "checkpoint_latest.pth"))
-    os.remove(final)
-    run(train + ["--c"], env=nnunet_env)
-    resumed = torch.load(final, map_location="cpu", weights_only=False)["nnunet_partial"]
+    # --c from the checkpoint an interruption after epoch 0 would leave
+    resumed = resume_after_epoch_0(fold, train, nnunet_env)["nnunet_partial"]
     assert resumed["global_step"] == 12 and resumed["teacher"]["num_updates"] == 12  # +1 epoch of 4 steps
 
-    images, _ = write_test_set(str(tmp_path / "test"), 1, shape=(16, 32, 32))
-    out = str(tmp_path / "pred")
-    run(["nnUNetv2_predict", "-i", images, "-o", out, "-d", str(semi_dataset.dataset_id), "-c", "3d_fullres",
-         "-tr", name, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_tta"], env=nnunet_env)
-    import SimpleITK as sitk
-    pred = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "test_000.nii.gz")))
+    pred = predict_one_test_case(str(tmp_path), semi_dataset.dataset_id, "3d_fullres", name, (16, 32, 32), nnunet_env)
     assert pred.shape == (16, 32, 32) and set(np.unique(pred)) <= {0, 1, 2, 3, 4}
-    shutil.rmtree(out)
+    shutil.rmtree(tmp_path / "pred")
