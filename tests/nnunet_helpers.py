@@ -95,8 +95,9 @@ def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: s
     dj = {"channel_names": channels or parent_dj["channel_names"], "labels": labels or {"background": 0, label: 1},
           "numTraining": 3, "file_ending": parent_dj["file_ending"]}
     folder = os.path.join(results, name, f"nnUNetTrainer__{plans_name}__{configuration}")
-    os.makedirs(os.path.join(folder, "fold_0"))
-    os.makedirs(os.path.join(raw, name))
+    # exist_ok: a module-scoped fixture imported by a second test module writes the same teacher again
+    os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
+    os.makedirs(os.path.join(raw, name), exist_ok=True)
     for obj, file in ((plans, "plans.json"), (dj, "dataset.json")):
         with open(os.path.join(folder, file), "w") as f:
             json.dump(obj, f)
