@@ -42,8 +42,17 @@ def _run_msd(args) -> int:
 
 def _run_merge(args) -> int:
     from dataset_conversion.merge import merge
+    weak: dict = {}
+    for key, given in (("image_labels", args.image_labels), ("boxes", args.boxes), ("class_labels", args.class_labels)):
+        for item in given or ():
+            source, sep, path = item.partition("=")
+            if not sep or not source or not path:
+                from dataset_conversion.common import ConversionError
+                raise ConversionError(f"--{key.replace('_', '-')} {item!r}: expected SOURCE=FILE (a source name of "
+                                      "the spec, then the file)")
+            weak.setdefault(source, {})[key] = path
     merge(args.spec, root=_root(args), overwrite=args.overwrite, num_processes=args.np, duplicates=args.duplicates,
-          allow_mixed_channels=args.allow_mixed_channels, tolerance=args.tolerance)
+          allow_mixed_channels=args.allow_mixed_channels, tolerance=args.tolerance, weak_labels=weak)
     return 0
 
 
@@ -97,4 +106,14 @@ def register(sub) -> None:
                         "overrides the spec")
     p.add_argument("--allow-mixed-channels", action="store_true", default=None,
                    help="allow sources whose channels differ in kind (e.g. CT with MR); overrides the spec")
+    p.add_argument("--image-labels", action="append", metavar="SOURCE=CSV",
+                   help="image-level labels of a source: CSV 'case,labels' (target label names separated by ';', "
+                        "source case ids); overrides the source's 'image_labels' in the spec; repeat per source")
+    p.add_argument("--boxes", action="append", metavar="SOURCE=JSON",
+                   help="bounding boxes of a source: JSON {case: {label: [[z0, y0, x0, z1, y1, x1], ...]}} in the "
+                        "source image's voxels (upper bound exclusive), mapped through the reorientation; overrides "
+                        "the source's 'boxes'; repeat per source")
+    p.add_argument("--class-labels", action="append", metavar="SOURCE=CSV",
+                   help="image-level classes of a source: CSV 'case,class' (nnUNetTrainerMultiMix); overrides the "
+                        "source's 'class_labels'; repeat per source")
     p.set_defaults(func=_run_merge)

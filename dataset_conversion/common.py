@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import multiprocessing
 import os
 import re
@@ -67,6 +68,18 @@ def short_repr(obj) -> str:
     return _REPR.repr(obj)
 
 
+def read_json_file(path: str, prefix: str):
+    """The parsed JSON of ``path``; a :class:`ConversionError` starting with ``prefix`` (who asks, which file)
+    when it is not valid JSON or cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{prefix} is not valid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{prefix} cannot be read: {e}") from None
+
+
 def check_dataset_id_and_name(dataset_id, name: str) -> int:
     try:
         dataset_id = int(dataset_id)
@@ -108,7 +121,6 @@ def describe_folder(src: str) -> str:
         kind = "an nnU-Net v2 raw dataset"
         if os.path.isfile(dj):
             try:
-                import json
                 with open(dj) as f:
                     d = json.load(f)
                 if "modality" in d and "training" in d:

@@ -20,6 +20,10 @@ Spec (YAML or JSON; paths relative to the spec file)::
         labels: {kidney: [kidney, tumor]}
       - name: unlabelled
         images: scans/                     # a folder of scans without labels: cases with []
+        image_labels: unl_labels.csv       # optional weak labels per source (dataset_conversion/weak_labels.py):
+        boxes: unl_boxes.json              #   case,labels CSV; boxes JSON; case,class CSV; the source's case ids
+        class_labels: unl_classes.csv
+    class_names: [no_lesion, lesion]       # optional; default: the sorted class names the class_labels files use
 
 Every file of the merged dataset is read and written with SimpleITK as ``.nii.gz``
 (``overwrite_image_reader_writer: SimpleITKIO``).
@@ -38,13 +42,17 @@ import SimpleITK as sitk
 
 from dataset_conversion.common import (AtomicDataset, ConversionError, DATASET_NAME_RE, DEFAULT_TOLERANCE, Geometry,
                                        check_geometry, check_label_values, content_hashes, describe_folder, is_junk,
-                                       label_image_like, present_values, progress_note, read_image, remap_labels,
+                                       label_image_like, present_values, progress_note, read_image, read_json_file,
+                                       remap_labels,
                                        reorient, run_cases, short_repr, shorten, write_dataset_json, write_image)
-from nnunet_partial.annotations import ANNOTATED_KEY, PROVENANCE_KEY, PartialAnnotations
+from dataset_conversion.weak_labels import (WEAK_KEYS, check_box_in_image, map_case_ids, read_boxes_json,
+                                            read_class_labels_csv, read_image_labels_csv, reorient_box)
+from nnunet_partial.annotations import (ANNOTATED_KEY, BOXES_KEY, CLASS_LABELS_KEY, CLASS_NAMES_KEY,
+                                        IMAGE_LABELS_KEY, PROVENANCE_KEY, ClassLabels, PartialAnnotations)
 
 TOP_KEYS = {"dataset_id", "dataset_name", "labels", "sources", "orientation", "duplicates", "allow_mixed_channels",
-            "channel_names", "tolerance", "description"}
-SOURCE_KEYS = {"name", "dataset", "images", "labels", "channel_names"}
+            "channel_names", "tolerance", "description", "class_names"}
+SOURCE_KEYS = {"name", "dataset", "images", "labels", "channel_names", *WEAK_KEYS}
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
 _SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _CHANNEL_FILE_RE = re.compile(r"^(.+)_(\d{4})$")
@@ -169,14 +177,7 @@ def _load_source_json(folder: str, source: str) -> dict:
         raise ConversionError(f"source '{source}': {folder} has no dataset.json; is it an nnU-Net raw dataset? "
                               "Convert public releases first with 'nnunet-partial convert'. "
                               f"{describe_folder(folder)}")
-    try:
-        with open(dj_path) as f:
-            dj = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"source '{source}': {dj_path} is not valid JSON: line {e.lineno}, column {e.colno}: "
-                              f"{e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConversionError(f"source '{source}': {dj_path} cannot be read: {e}") from None
+    dj = read_json_file(dj_path, f"source '{source}': {dj_path}")
     if not isinstance(dj, dict):
         raise ConversionError(f"source '{source}': {dj_path} is not a JSON object")
     return dj
@@ -382,6 +383,7 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
                         annotated_default=[t for t in targets if t in ann_targets], per_target_src=per_target_src,
                         cases={c: (f["images"], f["label"]) for c, f in files.items()}, source_labels=src_labels,
                         partial=partial, provenance=dj.get(PROVENANCE_KEY, {}), channel_names=chans)
+        plan["weak"] = _read_weak_labels(s, plan, spec_dir, targets, spec_path, at)
         # channels
         chans = plan["channel_names"]
         if chans is not None:
@@ -433,14 +435,47 @@ def plan_merge(spec: dict, spec_path: str, root: str) -> dict:
             jobs.append({"case": cid, "name": f"{plan['name']}/{original}", "images": list(images), "label": label,
                          "lut": plan["lut"], "defined": {v: k for k, v in plan["source_labels"].items()},
                          "dataset": f"source '{plan['name']}' ({plan['display']})", "annotated": annotated,
-                         "provenance": prov, "orientation": orientation, "tolerance": tolerance})
+                         "provenance": prov, "orientation": orientation, "tolerance": tolerance,
+                         **{k: plan["weak"][k][original] for k in WEAK_KEYS if original in plan["weak"].get(k, {})}})
     if wrong_channels:
         (case, n), more = wrong_channels[0], len(wrong_channels)
         raise ConversionError(f"case '{case}': {n} channel file(s) but the merged dataset has {n_channels} channel(s) "
                               f"{short_repr(channel_ref[1])}" + (f"; {more} cases have the wrong number of channel "
                               f"files: {shorten(c for c, _ in wrong_channels)}" if more > 1 else ""))
+    class_names = spec.get("class_names")
+    if class_names is not None and (not isinstance(class_names, list) or not all(isinstance(n, str) and n for n in
+                                                                                 class_names)):
+        raise _err(spec_path, f"must be a list of class names, got {short_repr(class_names)}", "class_names")
+    for plan in plans:
+        unknown = sorted(set(plan["weak"].get("class_labels", {}).values()) - set(class_names or ()))
+        if class_names is not None and unknown:
+            raise _err(spec_path, f"source '{plan['name']}': its class_labels use {unknown}, which 'class_names' "
+                                  f"{class_names} does not list; add them or fix the class_labels file", "class_names")
     return {"targets": targets, "jobs": jobs, "duplicates": duplicates, "channel_names": channel_ref[1],
-            "orientation": orientation, "plans": plans}
+            "orientation": orientation, "plans": plans, "class_names": class_names}
+
+
+def _read_weak_labels(s: dict, plan: dict, spec_dir: str, targets: list, spec_path: str, at: str) -> dict:
+    """The weak-label files a source names (``image_labels`` / ``boxes`` / ``class_labels``, paths relative to
+    the spec), read and checked against the source's case ids: key -> source case id -> value."""
+    out = {}
+    for key in WEAK_KEYS:
+        if s.get(key) is None:
+            continue
+        if not isinstance(s[key], str) or not s[key]:
+            raise _err(spec_path, f"source '{plan['name']}': must be a file path, got {short_repr(s[key])}",
+                       f"{at}.{key}")
+        path = os.path.abspath(os.path.join(spec_dir, s[key]))
+        if key == "image_labels":
+            values = read_image_labels_csv(path, plan["name"], targets)
+        elif key == "boxes":
+            values = read_boxes_json(path, plan["name"], targets)
+        else:
+            values = read_class_labels_csv(path, plan["name"])
+        map_case_ids(values, plan["cases"], plan["name"], path)
+        out[key] = values
+        plan.setdefault("weak_files", {})[key] = path
+    return out
 
 
 # ----------------------------------------------------------------------------------------- per case
@@ -470,21 +505,39 @@ def merge_case(job: dict) -> dict:
         label.CopyInformation(images[0])
         present = []
     digest = content_hashes(images)
+    source_image = images[0]
     images = [reorient(img, job["orientation"]) for img in images]
+    boxes = None
+    if "boxes" in job:  # source voxel coordinates -> the written (reoriented) image's
+        check_box_in_image(job["boxes"], source_image, name, job["images"][0])
+        boxes = {t: [reorient_box(b, source_image, images[0]) for b in bxs] for t, bxs in job["boxes"].items()}
     label = reorient(label, job["orientation"])
     for img, out in zip(images, job["out_images"]):
         write_image(img, out)
     write_image(label, job["out_label"])
-    return {"case": job["case"], "hash": digest, "present": present}
+    return {"case": job["case"], "hash": digest, "present": present, "boxes": boxes}
 
 
 # ----------------------------------------------------------------------------------------- driver
 def merge(spec_path: str, root: Optional[str] = None, overwrite: bool = False, num_processes: int = 1,
           duplicates: Optional[str] = None, allow_mixed_channels: Optional[bool] = None,
-          tolerance: Optional[float] = None) -> str:
+          tolerance: Optional[float] = None, weak_labels: Optional[Mapping[str, Mapping[str, str]]] = None) -> str:
+    """``weak_labels``: source name -> {``image_labels`` | ``boxes`` | ``class_labels``: file}, set on (or
+    replacing) the spec's sources (the CLI's ``--image-labels SOURCE=FILE`` etc.; relative paths resolve against
+    the current directory, unlike the spec's own paths)."""
     from dataset_conversion.common import resolve_output_root
 
     spec = load_spec(spec_path)
+    for source, files in (weak_labels or {}).items():
+        match = [s for s in spec.get("sources", []) if isinstance(s, dict) and s.get("name") == source]
+        if not match:
+            names = [s.get("name") for s in spec.get("sources", []) if isinstance(s, dict)]
+            raise ConversionError(f"weak labels given for source '{source}', which merge spec {spec_path} does not "
+                                  f"have (its sources: {names})")
+        for key, path in files.items():
+            if key not in WEAK_KEYS:
+                raise ConversionError(f"unknown weak-label kind '{key}'; known: {list(WEAK_KEYS)}")
+            match[0][key] = os.path.abspath(path)
     if duplicates is not None:
         spec["duplicates"] = duplicates
     if allow_mixed_channels:
@@ -535,18 +588,48 @@ def merge(spec_path: str, root: Optional[str] = None, overwrite: bool = False, n
         annotated = OrderedDict((j["case"], list(j["annotated"])) for j, _ in kept)
         provenance = OrderedDict((j["case"], j["provenance"]) for j, _ in kept)
         labels = {"background": 0, **{t: i + 1 for i, t in enumerate(targets)}}
-        dj = {"labels": labels, ANNOTATED_KEY: annotated}
+        weak = _merged_weak_labels(kept, plan["class_names"], targets)
+        dj = {"labels": labels, ANNOTATED_KEY: annotated, **weak}
         pa = PartialAnnotations.from_dataset_json(dj, annotated.keys(), source="merged dataset")
+        ClassLabels.from_dataset_json(dj, annotated.keys(), source="merged dataset")
         for j, r in kept:
             pa.check_present_labels(j["case"], r["present"], where=f" (from {j['name']})")
         write_dataset_json(
             tmp, plan["channel_names"], labels, len(kept), spec["dataset_name"],
             spec.get("description", "partial-label dataset merged by nnunet-partial from: " +
                      ", ".join(p["name"] for p in plan["plans"])),
-            **{ANNOTATED_KEY: annotated, PROVENANCE_KEY: provenance,
+            **{ANNOTATED_KEY: annotated, PROVENANCE_KEY: provenance, **weak,
                "merge_spec": json.loads(json.dumps(spec, default=str)), "orientation": plan["orientation"]})
     n_unl = sum(1 for a in annotated.values() if not a)
     print(f"merged {len(kept)} case(s) ({n_unl} unlabelled, {len(dropped)} duplicate(s) dropped) into {target.final}")
     for t in targets:
         print(f"  {t:>20s}: annotated on {sum(t in a for a in annotated.values())} case(s)")
     return target.final
+
+
+def _merged_weak_labels(kept: list, class_names: Optional[list], targets: list) -> dict:
+    """The weak-label keys of the merged dataset.json from the kept (job, result) pairs, in merged case ids; keys
+    no source gives are left out. An image-level label set must name every label the case's label map holds."""
+    image_labels, boxes, class_labels = OrderedDict(), OrderedDict(), OrderedDict()
+    for job, res in kept:
+        if "image_labels" in job:
+            stored = {targets[v - 1] for v in res["present"]}
+            missing = sorted(stored - set(job["image_labels"]), key=targets.index)
+            if missing:
+                raise ConversionError(f"case '{job['name']}': its label file holds {missing} but its image_labels "
+                                      f"{job['image_labels']} do not name them (so they would be absent); fix the "
+                                      "image_labels file")
+            image_labels[job["case"]] = list(job["image_labels"])
+        if res.get("boxes") is not None:
+            boxes[job["case"]] = res["boxes"]
+        if "class_labels" in job:
+            class_labels[job["case"]] = job["class_labels"]
+    out = {}
+    if image_labels:
+        out[IMAGE_LABELS_KEY] = image_labels
+    if boxes:
+        out[BOXES_KEY] = boxes
+    if class_labels or class_names is not None:
+        out[CLASS_NAMES_KEY] = list(class_names) if class_names is not None else sorted(set(class_labels.values()))
+        out[CLASS_LABELS_KEY] = class_labels
+    return out

@@ -28,6 +28,20 @@ Weak labels (the self-/mean-taught trainers of nnunet_partial/trainers/mlds.py u
 - ``"image_labels"``: case id -> the label names present in the image (image-level labels). A case
   listed here contains no other organ: absence is information too. Cases not listed carry no
   image-level labels.
+- ``"boxes"``: case id -> label name -> list of boxes ``[z0, y0, x0, z1, y1, x1]`` (integers) in voxel
+  coordinates of the raw image, axes in the order of the array nnU-Net's reader returns for the case
+  (SimpleITKIO: numpy order of ``sitk.GetArrayFromImage``, i.e. z, y, x; a 2D image is read as
+  ``(1, y, x)``, so its boxes are ``[0, y0, x0, 1, y1, x1]``). Lower bound inclusive, upper bound
+  exclusive (a Python slice, nnU-Net's bounding-box convention). A label's pseudo-foreground is kept
+  inside its boxes only; an empty list ``[]`` says the label is absent from the case; a label
+  without an entry is not restricted by boxes (docs/mlds.md).
+
+Image-level class labels (``nnUNetTrainerMultiMix``, nnunet_partial/trainers/multimix.py;
+:class:`ClassLabels`):
+
+- ``"class_names"``: the list of class names (at least two), e.g. ``["no_lesion", "lesion"]``;
+  class index ``j`` of the classification head is ``class_names[j]``.
+- ``"class_labels"``: case id -> class name. Cases without an image-level class label are absent.
 
 This module is the one place that reads and validates the key and turns it into per-batch
 tensors. Errors are :class:`PartialLabelError` with the case and the fix in the message.
@@ -48,6 +62,9 @@ PSEUDO_KEY = "pseudo_labels"
 PSEUDO_SOURCE_KEY = "pseudo_labels_from"
 TEACHER_OF_KEY = "teacher_of"
 IMAGE_LABELS_KEY = "image_labels"
+BOXES_KEY = "boxes"
+CLASS_NAMES_KEY = "class_names"
+CLASS_LABELS_KEY = "class_labels"
 TEACHER_REGISTRY_FILE = "teachers.json"
 
 
@@ -94,6 +111,9 @@ class PartialAnnotations:
     pseudo: Mapping[str, frozenset] = field(default_factory=dict)
     # case id -> label values present in the image (``image_labels``; cases without image labels absent)
     image_labels: Mapping[str, frozenset] = field(default_factory=dict)
+    # case id -> label value -> tuple of boxes (z0, y0, x0, z1, y1, x1), raw voxel coordinates, upper bound
+    # exclusive (``boxes``; cases without boxes absent, an empty tuple: the label is absent from the case)
+    boxes: Mapping[str, Mapping[int, tuple]] = field(default_factory=dict)
 
     @property
     def num_classes(self) -> int:
@@ -120,7 +140,9 @@ class PartialAnnotations:
         names_by_value = tuple(sorted(name_to_value, key=name_to_value.get))
         pseudo = _parse_pseudo_labels(dataset_json, name_to_value, annotated, source)
         image_labels = _parse_image_labels(dataset_json, name_to_value, annotated, source)
-        result = cls(label_names=names_by_value, annotated=annotated, pseudo=pseudo, image_labels=image_labels)
+        boxes = _parse_boxes(dataset_json, name_to_value, annotated, image_labels, source)
+        result = cls(label_names=names_by_value, annotated=annotated, pseudo=pseudo, image_labels=image_labels,
+                     boxes=boxes)
         if case_ids is not None:
             result.check_cases(case_ids, source)
         return result
@@ -177,6 +199,30 @@ class PartialAnnotations:
         possible = {c: self.image_labels.get(c, self.all_labels) for c in self.annotated}
         return PartialAnnotations(label_names=self.label_names, annotated=possible)
 
+    def box_restricted(self) -> "PartialAnnotations":
+        """The labels whose pseudo-foreground boxes restrict on each case, as an annotations object
+        (``annotated[case]``: the label values with a ``boxes`` entry for the case, an empty list included),
+        e.g. for :meth:`annotated_mask` tables (column 0 is meaningless there: background is never restricted)."""
+        restricted = {c: frozenset(self.boxes.get(c, {})) for c in self.annotated}
+        return PartialAnnotations(label_names=self.label_names, annotated=restricted)
+
+    def box_label_values(self) -> tuple:
+        """Sorted label values that have at least one box on some case (an empty list needs no rasterising)."""
+        return tuple(sorted({v for per_case in self.boxes.values() for v, bxs in per_case.items() if bxs}))
+
+    def check_boxes_in_shape(self, case: str, shape: Sequence[int], where: str = "") -> None:
+        """Refuse a box of ``case`` that reaches outside an image of raw array shape ``shape`` (z, y, x)."""
+        shape = tuple(int(s) for s in shape)
+        if len(shape) == 2:
+            shape = (1, *shape)  # nnU-Net reads a 2D image as (1, y, x)
+        for value, bxs in self.boxes.get(case, {}).items():
+            for box in bxs:
+                if any(hi > s for hi, s in zip(box[3:], shape)):
+                    raise PartialLabelError(
+                        f"case '{case}'{where}: box {list(box)} of '{self.label_names[value - 1]}' in '{BOXES_KEY}' "
+                        f"reaches outside the image of shape {list(shape)} (z, y, x; the upper bound is exclusive, "
+                        f"at most the shape). Fix the box: voxel coordinates of the raw image, [z0, y0, x0, z1, y1, x1].")
+
     def is_unlabelled(self, case: str) -> bool:
         return len(self.annotated[case]) == 0
 
@@ -222,6 +268,7 @@ def validate_raw_dataset(raw_dataset_folder: str, check_label_files: bool = True
     dataset_json = load_json(json_path)
     cases = raw_training_cases(raw_dataset_folder, dataset_json)
     annotations = PartialAnnotations.from_dataset_json(dataset_json, cases.keys(), source=json_path)
+    ClassLabels.from_dataset_json(dataset_json, cases.keys(), source=json_path)  # image-level classes (MultiMix)
     if annotations is None or not check_label_files:
         return annotations
     for case, files in sorted(cases.items()):
@@ -231,6 +278,8 @@ def validate_raw_dataset(raw_dataset_folder: str, check_label_files: bool = True
         except RuntimeError as e:
             raise PartialLabelError(f"case '{case}': cannot read label file {label_file}: {e}") from None
         annotations.check_present_labels(case, np.unique(arr), where=f" ({label_file})", allow_pseudo=True)
+        # the label file has the image's grid; nnU-Net's SimpleITK reader gives the same array order
+        annotations.check_boxes_in_shape(case, arr.shape, where=f" ({label_file})")
     return annotations
 
 
@@ -313,6 +362,145 @@ def _parse_image_labels(dataset_json: Mapping, name_to_value: Mapping[str, int],
         raise PartialLabelError(f"{source}: '{IMAGE_LABELS_KEY}' names case '{unknown[0]}', which is not a training "
                                 f"case (not in '{ANNOTATED_KEY}'). Fix the case id or remove the entry.")
     return present
+
+
+# ---------------------------------------------------------------------------- image-level classes (MultiMix)
+@dataclass(frozen=True)
+class ClassLabels:
+    """``class_names`` + ``class_labels``: one image-level class per labelled case.
+
+    ``names[j]`` is class index ``j`` (output ``j`` of the classification head); ``labels[case]`` the
+    class index of a labelled case; cases without a class label are absent.
+    """
+    names: tuple[str, ...]
+    labels: Mapping[str, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def counts(self) -> dict[str, int]:
+        """Class name -> number of cases labelled with it (every class listed, zero included)."""
+        out = {n: 0 for n in self.names}
+        for j in self.labels.values():
+            out[self.names[j]] += 1
+        return out
+
+    def index_of(self, case: str) -> int:
+        """Class index of ``case``, ``-1`` when it has no class label (the ignore index of the CE)."""
+        return self.labels.get(case, -1)
+
+    def batch_targets(self, keys: Sequence[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B,) int64: class index per case of a batch, ``-1`` for a case without a class label."""
+        return torch.tensor([self.index_of(k) for k in keys], dtype=torch.long, device=device)
+
+    @classmethod
+    def from_dataset_json(cls, dataset_json: Mapping, case_ids: Optional[Iterable[str]] = None,
+                          source: str = "dataset.json") -> Optional["ClassLabels"]:
+        """Parse and validate ``class_names`` / ``class_labels``; ``None`` when the dataset has neither.
+
+        Every case named must be a training case: one of ``case_ids`` when given, else one of
+        ``annotated_labels`` when the dataset has that key.
+        """
+        names, labels = dataset_json.get(CLASS_NAMES_KEY), dataset_json.get(CLASS_LABELS_KEY)
+        if names is None and labels is None:
+            return None
+        if names is None:
+            raise PartialLabelError(
+                f"{source}: '{CLASS_LABELS_KEY}' is given but '{CLASS_NAMES_KEY}' is not. Add the list of class "
+                f"names, e.g. \"{CLASS_NAMES_KEY}\": [\"no_lesion\", \"lesion\"] (index j = output j of the "
+                "classification head).")
+        if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(n, str) for n in names):
+            raise PartialLabelError(f"{source}: '{CLASS_NAMES_KEY}' must be a list of class names (strings), "
+                                    f"got {names!r}")
+        if len(set(names)) != len(names):
+            dup = sorted(n for n in set(names) if list(names).count(n) > 1)
+            raise PartialLabelError(f"{source}: '{CLASS_NAMES_KEY}' lists {dup} more than once; class names must "
+                                    "be unique.")
+        if len(names) < 2:
+            raise PartialLabelError(
+                f"{source}: '{CLASS_NAMES_KEY}' has {len(names)} class(es) {list(names)}; classification needs at "
+                "least two (e.g. [\"no_lesion\", \"lesion\"]). Add the missing class or drop both class keys.")
+        labels = {} if labels is None else labels
+        if not isinstance(labels, Mapping):
+            raise PartialLabelError(f"{source}: '{CLASS_LABELS_KEY}' must map case ids to class names, got "
+                                    f"{type(labels).__name__}")
+        index = {n: j for j, n in enumerate(names)}
+        if case_ids is not None:
+            known, what = set(case_ids), "a training case of this dataset"
+        elif isinstance(dataset_json.get(ANNOTATED_KEY), Mapping):
+            known, what = set(dataset_json[ANNOTATED_KEY]), f"listed in '{ANNOTATED_KEY}'"
+        else:
+            known, what = None, ""
+        out = {}
+        for case, name in labels.items():
+            if known is not None and case not in known:
+                raise PartialLabelError(
+                    f"{source}: '{CLASS_LABELS_KEY}' names case '{case}', which is not {what}. Fix the case id or "
+                    "remove the entry.")
+            if name not in index:
+                raise PartialLabelError(
+                    f"{source}: case '{case}' has class '{name}' in '{CLASS_LABELS_KEY}', which is not in "
+                    f"'{CLASS_NAMES_KEY}' {list(names)}. Fix the name or add the class to '{CLASS_NAMES_KEY}'.")
+            out[str(case)] = index[name]
+        return cls(names=tuple(names), labels=out)
+
+
+def _parse_boxes(dataset_json: Mapping, name_to_value: Mapping[str, int], annotated: Mapping[str, frozenset],
+                 image_labels: Mapping[str, frozenset], source: str) -> dict[str, dict[int, tuple]]:
+    """``boxes`` -> case id -> label value -> tuple of 6-tuples ``(z0, y0, x0, z1, y1, x1)``; ``{}`` without the
+    key. Checks the shape of every entry, a known case and label, ``0 <= lower < upper``, and agreement with the
+    case's ``image_labels`` (a box of a label the image-level labels call absent is a contradiction). Whether a box
+    fits its image is checked where the image shape is known (:meth:`PartialAnnotations.check_boxes_in_shape`)."""
+    if BOXES_KEY not in dataset_json:
+        return {}
+    raw = dataset_json[BOXES_KEY]
+    form = "{\"case\": {\"liver\": [[z0, y0, x0, z1, y1, x1], ...]}}"
+    if not isinstance(raw, Mapping):
+        raise PartialLabelError(f"{source}: '{BOXES_KEY}' must map case ids to {{label: [boxes]}}, e.g. {form}; "
+                                f"got {type(raw).__name__}")
+    out = {}
+    for case, per_label in raw.items():
+        case = str(case)
+        if case not in annotated:
+            raise PartialLabelError(f"{source}: '{BOXES_KEY}' names case '{case}', which is not a training case (not "
+                                    f"in '{ANNOTATED_KEY}'). Fix the case id or remove the entry.")
+        if not isinstance(per_label, Mapping):
+            raise PartialLabelError(f"{source}: case '{case}': '{BOXES_KEY}' entries map label names to lists of "
+                                    f"boxes, e.g. {form}; got {per_label!r}")
+        out[case] = {}
+        for name, bxs in per_label.items():
+            if name == "background" or name not in name_to_value:
+                raise PartialLabelError(
+                    f"{source}: case '{case}': '{BOXES_KEY}' names "
+                    + ("'background'; boxes are drawn around organs only." if name == "background" else
+                       f"unknown label '{name}'. Known labels: {sorted(name_to_value)}. Fix the name."))
+            value = name_to_value[name]
+            if case in image_labels and value not in image_labels[case] and bxs:
+                raise PartialLabelError(
+                    f"{source}: case '{case}' has boxes of '{name}', but its '{IMAGE_LABELS_KEY}' do not name it (so "
+                    f"it is absent). Add '{name}' to the case's image labels or remove the boxes.")
+            if isinstance(bxs, str) or not isinstance(bxs, Sequence):
+                raise PartialLabelError(f"{source}: case '{case}', label '{name}': '{BOXES_KEY}' needs a list of "
+                                        f"boxes [[z0, y0, x0, z1, y1, x1], ...] ([] = absent), got {bxs!r}")
+            boxes = []
+            for box in bxs:
+                ok = (not isinstance(box, (str, Mapping)) and isinstance(box, Sequence) and len(box) == 6
+                      and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in box))
+                if not ok:
+                    hint = (" A 2D box is written [0, y0, x0, 1, y1, x1] (nnU-Net reads 2D images as (1, y, x))."
+                            if isinstance(box, Sequence) and len(box) == 4 else "")
+                    raise PartialLabelError(f"{source}: case '{case}', label '{name}': box {box!r} is not 6 integers "
+                                            f"[z0, y0, x0, z1, y1, x1] (voxels, upper bound exclusive).{hint}")
+                box = tuple(int(v) for v in box)
+                if any(v < 0 for v in box) or any(lo >= hi for lo, hi in zip(box[:3], box[3:])):
+                    raise PartialLabelError(
+                        f"{source}: case '{case}', label '{name}': box {list(box)} is inverted, empty or negative; "
+                        "write [z0, y0, x0, z1, y1, x1] with 0 <= lower < upper on every axis (upper bound "
+                        "exclusive: a one-voxel box is [z, y, x, z+1, y+1, x+1]).")
+                boxes.append(box)
+            out[case][value] = tuple(boxes)
+    return out
 
 
 PSEUDO_SOURCE_FIELDS = {"parent": str, "configuration": str, "fold": str, "trainer": str, "plans": str,

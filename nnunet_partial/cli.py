@@ -13,6 +13,7 @@ COMMAND_MODULES = (
     "nnunet_partial.commands.find_best",
     "nnunet_partial.commands.teachers",
     "nnunet_partial.commands.pseudolabel",
+    "nnunet_partial.commands.predict_class",
     "nnunet_partial.commands.demo",
     "dataset_conversion.cli",
 )

@@ -93,6 +93,16 @@ class Workspace:
                         f"predict_{dataset_id}_{trainer}_{configuration}")
 
 
+def open_workspace(workdir: str) -> Workspace:
+    """A :class:`Workspace` whose nnU-Net folders are also exported to this process (nnU-Net reads them at
+    import), for benchmark scripts that build trainers in-process as well as through the CLI."""
+    ws = Workspace(workdir)
+    os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
+                                              "nnUNet_extTrainer", "nnUNet_compile")})
+    os.environ.setdefault("nnUNet_n_proc_DA", "0")
+    return ws
+
+
 def load_trainer(trainer_cls, dataset_name: str, configuration: str = "3d_fullres", fold=0,
                  device: str = "cpu", initialize: bool = True, plans_identifier: str = "nnUNetPlans"):
     """Construct a trainer as ``nnUNetv2_train`` does (plans + dataset.json from nnUNet_preprocessed).

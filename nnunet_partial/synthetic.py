@@ -68,10 +68,24 @@ ANATOMIES = {
 }
 
 
+# Image-level classes of the MultiMix benchmark (``class_task="lesion"``): a small bright lesion inside the
+# liver is present or absent. The lesion stays labelled liver (as LiTS' liver label includes its tumours);
+# only the image-level class says whether it is there.
+LESION_CLASSES = ("no_lesion", "lesion")
+LESION_RADII = (0.10, 0.07, 0.07)   # fractions of the shape (z, y, x)
+LESION_CONTRAST_HU = 70.0
+
+
+def lesion_present(seed: int) -> bool:
+    """Whether phantom ``seed`` has a liver lesion under ``class_task="lesion"`` (about half of them).
+    Drawn from its own generator, so every other draw of the phantom is the same with or without lesions."""
+    return bool(np.random.default_rng([int(seed), 7]).random() < 0.5)
+
+
 def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                 anatomy: str = "default") -> tuple[np.ndarray, np.ndarray]:
+                 anatomy: str = "default", lesion: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One case: (image int16 (z, y, x), label uint8 (z, y, x)), fully labelled; ``anatomy`` names an
-    entry of ``ANATOMIES``."""
+    entry of ``ANATOMIES``. ``lesion``: add a bright blob inside the liver (label unchanged: liver)."""
     if anatomy not in ANATOMIES:
         raise ValueError(f"unknown anatomy {anatomy!r}; known: {sorted(ANATOMIES)}")
     rng = np.random.default_rng(seed)
@@ -101,6 +115,15 @@ def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
         inside &= body & ~spine
         label[inside] = organ.label
         image[inside] = organ.hu + rng.normal(0, 4)
+        if organ.label == 1:
+            liver_center, liver_radii = c, r
+
+    if lesion:
+        # its own generator: the phantom's other draws (and so every dataset sharing the seed) are unchanged
+        lrng = np.random.default_rng([int(seed), 8])
+        lc = liver_center + lrng.uniform(-0.35, 0.35, 3) * liver_radii
+        blob = sum(((g - lc[i]) / LESION_RADII[i]) ** 2 for i, g in enumerate((zz, yy, xx))) <= 1
+        image[blob & (label == 1)] += LESION_CONTRAST_HU
 
     # smooth texture + white noise; no clean intensity threshold separates liver from spleen
     texture = gaussian_filter(rng.normal(0, 1, shape).astype(np.float32), sigma=1.5)
@@ -127,7 +150,8 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           sources: Mapping[str, Sequence[str]] = SINGLE_ORGAN_SOURCES,
                           cases_per_source: int = 4, n_full: int = 0, n_unlabelled: int = 0,
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
-                          partial: bool = True, anatomy: str = "default") -> str:
+                          partial: bool = True, anatomy: str = "default", class_task: Optional[str] = None,
+                          class_labelled_fraction: float = 0.0) -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
     ``sources`` maps a source name to the organs it annotates; each source contributes
@@ -137,8 +161,16 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     (the oracle dataset on the very same images). Case ``i`` of the plan (sources in order, then
     full, then unlabelled) is phantom ``seed * 100003 + i``: datasets with the same plan prefix share
     those images.
+
+    Image-level classes (nnUNetTrainerMultiMix): with ``class_task="lesion"`` each image holds a liver
+    lesion or not (:func:`lesion_present` of its phantom seed) and ``class_names`` is written; the first
+    ``round(class_labelled_fraction * n)`` cases of the plan get ``class_labels``. The fraction with
+    segmentations is set by the plan: e.g. ``sources={}, n_full=2, n_unlabelled=18,
+    class_labelled_fraction=0.5`` = 10 % segmented (and class-labelled), 40 % class label only, 50 % nothing.
     """
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+    if class_task not in (None, "lesion"):
+        raise ValueError(f"unknown class_task {class_task!r}; known: 'lesion'")
 
     final = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
     if os.path.exists(final):
@@ -150,17 +182,23 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
         os.makedirs(os.path.join(tmp, "labelsTr"))
         plan = [(src, tuple(organs)) for src, organs in sources.items() for _ in range(cases_per_source)]
         plan += [("full", ORGANS)] * n_full + [("unlabelled", ())] * n_unlabelled
-        annotated, counters = {}, {}
+        annotated, counters, class_labels = {}, {}, {}
+        n_class_labelled = int(round(class_labelled_fraction * len(plan))) if class_task else 0
         for i, (src, organs) in enumerate(plan):
             counters[src] = counters.get(src, 0) + 1
             case = f"{src}_{counters[src]:03d}"
-            image, label = make_phantom(seed * 100003 + i, shape, anatomy)
+            has_lesion = class_task == "lesion" and lesion_present(seed * 100003 + i)
+            image, label = make_phantom(seed * 100003 + i, shape, anatomy, lesion=has_lesion)
+            if i < n_class_labelled:
+                class_labels[case] = LESION_CLASSES[int(has_lesion)]
             if partial:
                 label = _keep_labels(label, [LABELS[o] for o in organs])
             write_nifti(image, os.path.join(tmp, "imagesTr", f"{case}_0000.nii.gz"))
             write_nifti(label, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"))
             annotated[case] = list(organs)
         extra = {"annotated_labels": annotated} if partial else {}
+        if class_task:
+            extra.update({"class_names": list(LESION_CLASSES), "class_labels": class_labels})
         generate_dataset_json(tmp, {0: "CT"}, LABELS, num_training_cases=len(plan), file_ending=".nii.gz",
                               dataset_name=f"Dataset{dataset_id:03d}_{name}",
                               description="nnunet-partial synthetic abdomen phantoms", **extra)
@@ -268,3 +306,107 @@ def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenar
 # their metadata.
 SCENARIOS: dict = {"few-labels": few_labels, "hard-anatomy": hard_anatomy, "semi": semi,
                    "small-structures": small_structures}
+
+
+# ---------------------------------------------------------------------- weak labels: label efficiency (issue 12)
+WEAK_KINDS = ("none", "image_labels", "boxes")
+
+
+def weak_labels_of(label: np.ndarray) -> tuple[list, dict]:
+    """A fully labelled (z, y, x) phantom label map -> (organ names present, ``{organ: [boxes]}``): one tight box
+    ``[z0, y0, x0, z1, y1, x1]`` (upper bound exclusive) per connected component (two kidneys, two boxes)."""
+    from scipy.ndimage import find_objects, label as components
+    present, boxes = [], {}
+    for name in ORGANS:
+        mask = label == LABELS[name]
+        if not mask.any():
+            continue
+        present.append(name)
+        comp, _ = components(mask)
+        boxes[name] = [[s.start for s in sl] + [s.stop for s in sl] for sl in find_objects(comp) if sl is not None]
+    return present, boxes
+
+
+def write_weak_label_dataset(raw_root: str, dataset_id: int, name: str = "SyntheticWeak", weak: str = "boxes",
+                             seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE, anatomy: str = "default",
+                             **plan) -> str:
+    """:func:`write_partial_dataset` (``plan``: its other arguments) whose unlabelled cases (``[]``) get weak labels
+    from their phantom's full label map: ``weak="image_labels"`` the organs present, ``"boxes"`` a tight box per
+    organ component (docs/mlds.md), ``"none"`` nothing. Written into a temporary folder first, so a dataset
+    folder always holds its weak labels."""
+    import json
+    if weak not in WEAK_KINDS:
+        raise ValueError(f"unknown weak-label kind {weak!r}; known: {WEAK_KINDS}")
+    final = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} exists already; remove it or choose another dataset id")
+    os.makedirs(raw_root, exist_ok=True)
+    tmp_root = tempfile.mkdtemp(prefix=f".tmp_weak_{dataset_id:03d}_", dir=raw_root)
+    try:
+        folder = write_partial_dataset(tmp_root, dataset_id, name=name, seed=seed, shape=shape, anatomy=anatomy, **plan)
+        if weak != "none":
+            path = os.path.join(folder, "dataset.json")
+            with open(path) as f:
+                dj = json.load(f)
+            key = "image_labels" if weak == "image_labels" else "boxes"
+            dj[key] = {}
+            # annotated_labels is in plan order: case i is phantom seed * 100003 + i (write_partial_dataset)
+            for i, (case, organs) in enumerate(dj["annotated_labels"].items()):
+                if not organs:
+                    present, boxes = weak_labels_of(make_phantom(seed * 100003 + i, shape, anatomy)[1])
+                    dj[key][case] = present if weak == "image_labels" else boxes
+            with open(path, "w") as f:
+                json.dump(dj, f, indent=1)
+        os.replace(folder, final)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+    return final
+
+
+def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
+    """Issue 12, item 2: ``n_labelled`` fully labelled cases (10 % by default), the rest unlabelled, with
+    image-level labels or with boxes (``weak``). Supervised-only = nnUNetTrainerPartial on the labelled cases
+    alone; the oracle labels every case. All datasets share their images (labelled cases first in every plan)."""
+    plan = {"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled}
+    suffix = {"none": "", "image_labels": "-image-labels", "boxes": "-boxes"}[weak] if weak in WEAK_KINDS else None
+    if suffix is None:
+        raise ValueError(f"unknown weak-label kind {weak!r}; known: {WEAK_KINDS}")
+    return Scenario(
+        f"label-efficiency{suffix}", f"{n_labelled} fully labelled + {n_unlabelled} "
+                                     + ("unlabelled" if weak == "none" else f"with {weak.replace('_', '-')} only"),
+        {"partial": DatasetSpec({**plan, "weak": weak}, writer=write_weak_label_dataset),
+         "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
+         "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
+        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+
+
+def _label_efficiency_boxes(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
+    return label_efficiency("boxes", n_labelled, n_unlabelled)
+
+
+def _label_efficiency_image_labels(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
+    return label_efficiency("image_labels", n_labelled, n_unlabelled)
+
+
+SCENARIOS.update({"label-efficiency": label_efficiency, "label-efficiency-image-labels": _label_efficiency_image_labels,
+                  "label-efficiency-boxes": _label_efficiency_boxes})
+
+
+def multimix(n_segmented: int = 2, n_other: int = 18, class_labelled_fraction: float = 0.5) -> Scenario:
+    """Issue 13: ``n_segmented`` fully labelled cases (10 % by default), the rest unsegmented; a liver lesion
+    present or absent in each image (``class_task="lesion"``) and class labels on the first
+    ``class_labelled_fraction`` of the cases (the segmented ones included). The suite scores segmentation only;
+    accuracy / AUC of the classification: scripts/benchmark_multimix.py. Every dataset has the same images
+    (segmented cases first in every plan, lesions in all)."""
+    n = n_segmented + n_other
+    lesion = {"class_task": "lesion", "class_labelled_fraction": class_labelled_fraction}
+    return Scenario(
+        "multimix", f"{n_segmented} segmented + {n_other} unsegmented cases, {round(class_labelled_fraction * n)} "
+                    "with a lesion class label",
+        {"partial": DatasetSpec({"sources": {}, "n_full": n_segmented, "n_unlabelled": n_other, **lesion}),
+         "labelled": DatasetSpec({"sources": {}, "n_full": n_segmented, "class_task": "lesion"}),
+         "oracle": DatasetSpec({"sources": {}, "n_full": n, "partial": False, "class_task": "lesion"})},
+        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+
+
+SCENARIOS["multimix"] = multimix

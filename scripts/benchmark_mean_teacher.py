@@ -39,15 +39,6 @@ def parse_args():
     return p.parse_args()
 
 
-def open_workspace(workdir: str):
-    """The benchmark's nnU-Net folders; also exported to this process (nnU-Net reads them at import)."""
-    from nnunet_partial.experiment import Workspace
-    ws = Workspace(workdir)
-    os.environ.update({k: ws.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results",
-                                              "nnUNet_extTrainer", "nnUNet_compile")})
-    os.environ.setdefault("nnUNet_n_proc_DA", "0")
-    return ws
-
 
 DATASETS = {  # id: (name, n_full, n_unlabelled) as functions of the labelled / unlabelled counts
     527: ("MTBenchSemi", lambda a: a.n_labelled, lambda a: a.n_unlabelled),
@@ -122,6 +113,7 @@ def speed(args, names):
 
 def main():
     args = parse_args()
+    from nnunet_partial.experiment import open_workspace
     ws = open_workspace(args.workdir)
     configurations = sorted(set(([args.configuration] if args.part in ("accuracy", "all") else [])
                                 + (args.speed_configurations if args.part in ("speed", "all") else [])))

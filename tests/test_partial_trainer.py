@@ -120,6 +120,7 @@ def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp
 
     # --c: make it look interrupted after epoch 0 (checkpoint_latest at epoch 1), resume, finish epoch 1
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
+    assert ckpt["inference_allowed_mirroring_axes"] is None   # _tiny: no test-time mirroring (smoke-test speed)
     ckpt["current_epoch"] = 1
     for k, v in ckpt["logging"].items():
         ckpt["logging"][k] = v[:1]

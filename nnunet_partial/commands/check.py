@@ -33,12 +33,26 @@ def run(args) -> int:
             k = sum(i in v for v in annotations.annotated.values())
             p = sum(i in v for v in annotations.pseudo.values())
             print(f"  {name:>20s}: annotated on {k} case(s)" + (f", pseudo-labelled on {p}" if annotations.pseudo else ""))
+    _report_class_labels(folder)
     _check_stage1_keys(folder)
     if not args.skip_nnunet:
         from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
         verify_dataset_integrity(folder, num_processes=args.np)
         print("nnU-Net's dataset integrity check passed.")
     return 0
+
+
+def _report_class_labels(folder: str) -> None:
+    """Image-level classes (``class_names`` / ``class_labels``, nnUNetTrainerMultiMix): cases per class.
+    validate_raw_dataset has validated them already."""
+    import json
+    from nnunet_partial.annotations import ClassLabels
+    with open(os.path.join(folder, "dataset.json")) as f:
+        classes = ClassLabels.from_dataset_json(json.load(f))
+    if classes is not None:
+        counts = ", ".join(f"{n} {c}" for n, c in classes.counts().items())
+        print(f"  class_labels OK: {len(classes.labels)} case(s) with a class label ({counts}); "
+              f"{classes.num_classes} classes")
 
 
 def _check_stage1_keys(folder: str) -> None:

@@ -175,7 +175,8 @@ class MultiLabelDeepSupervisionLoss(nn.Module):
 
 # ---------------------------------------------------------------------- pseudo labels (self-/mean-taught)
 def pseudo_label_targets(probabilities: torch.Tensor, label_map: torch.Tensor, annotated: torch.Tensor,
-                         threshold: float, possible: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         threshold: float, possible: Optional[torch.Tensor] = None,
+                         allowed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B, C, *S) uint8 multi-label target of the pseudo-label head: what is known, completed by
     thresholded pseudo labels where it is not.
 
@@ -194,6 +195,10 @@ def pseudo_label_targets(probabilities: torch.Tensor, label_map: torch.Tensor, a
     ``possible`` (B, C) bool, image-level labels: a pseudo-positive of class ``k`` is kept only where
     ``possible[i, k]`` (a class the image-level labels do not name is absent: target 0). Manual labels
     are never changed by it.
+
+    ``allowed`` (B, C, *S) bool, bounding boxes (:func:`box_allowed`): a pseudo-positive of class ``k`` is
+    kept only where ``allowed[i, k]`` (inside the case's boxes of ``k``). Combines with ``possible``
+    (both must hold); manual labels are never changed by it either.
     """
     num_classes = annotated.shape[1]
     stored = one_hot(label_map, num_classes).bool()
@@ -204,7 +209,29 @@ def pseudo_label_targets(probabilities: torch.Tensor, label_map: torch.Tensor, a
     pseudo = probabilities >= threshold
     if possible is not None:
         pseudo = pseudo & possible.reshape(*possible.shape, *([1] * (probabilities.ndim - 2)))
+    if allowed is not None:
+        pseudo = pseudo & allowed
     return torch.where(known, stored, pseudo).to(torch.uint8)
+
+
+def box_allowed(box_channel: torch.Tensor, restricted: torch.Tensor, box_values: Sequence[int]) -> torch.Tensor:
+    """(B, C, *S) bool: where each class's pseudo-foreground may stay, by bounding boxes.
+
+    ``box_channel``: (B, *S) integer bit field as the box-mask channel of the batch carries it (bit ``j``
+    set: the voxel lies inside a box of label value ``box_values[j]``); ``restricted``: (B, C) bool, True
+    where the case has a ``boxes`` entry for class ``k`` (its pseudo-foreground is kept inside its boxes
+    only; an entry without boxes keeps it nowhere). A class without an entry, and background (column 0,
+    ignored), is allowed everywhere. Device ops only (no host sync).
+    """
+    b, c = restricted.shape
+    spatial = box_channel.shape[1:]
+    bits = box_channel.to(torch.int32)
+    inside = torch.zeros((b, c, *spatial), dtype=torch.bool, device=box_channel.device)
+    for j, v in enumerate(box_values):
+        inside[:, int(v)] = ((bits >> j) & 1).bool()
+    free = ~restricted
+    free[:, 0] = True
+    return inside | free.reshape(b, c, *([1] * len(spatial)))
 
 
 def pseudo_head_loss(logits: torch.Tensor, target: torch.Tensor, kernel: Sequence[int]) -> torch.Tensor:

@@ -14,6 +14,8 @@ from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
                                          nnUNetTrainerMLDSSelfTaught)
 from nnunet_partial.trainers.mskd import nnUNetTrainerMSKD
+from nnunet_partial.trainers.multimix import (nnUNetTrainerMultiMix, nnUNetTrainerMultiMixNoBridge,
+                                             nnUNetTrainerMultiMixNoPseudo)
 
 BASE_TRAINERS = [
     nnUNetTrainerPartial,
@@ -27,10 +29,18 @@ BASE_TRAINERS = [
     nnUNetTrainerMSKD,
 ]
 
+# Trainers that need dataset metadata beyond annotated_labels (image-level class labels), which the shared
+# test datasets of BASE_TRAINERS (host-sync, speed) lack: registered, with schedule variants, but not there.
+CLASS_LABEL_TRAINERS = [
+    nnUNetTrainerMultiMix,
+    nnUNetTrainerMultiMixNoBridge,
+    nnUNetTrainerMultiMixNoPseudo,
+]
+
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short
 # schedules too (the naive baseline at the same budget); its `_Nepochs` variants ship with nnU-Net.
-TRAINERS = {cls.__name__: cls for cls in BASE_TRAINERS}
-for _base in [nnUNetTrainer] + BASE_TRAINERS:
+TRAINERS = {cls.__name__: cls for cls in BASE_TRAINERS + CLASS_LABEL_TRAINERS}
+for _base in [nnUNetTrainer] + BASE_TRAINERS + CLASS_LABEL_TRAINERS:
     TRAINERS.update(_schedules.schedule_variants(_base, include_epoch_variants=_base is not nnUNetTrainer))
 for _name, _cls in TRAINERS.items():
     if _cls.__module__ == _schedules.__name__:

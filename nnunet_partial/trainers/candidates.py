@@ -25,7 +25,8 @@ from torch import nn
 
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
-from nnunet_partial.trainers.common import autocast_context, batch_to_device, register_log_keys, unwrap
+from nnunet_partial.trainers.common import (autocast_context, batch_to_device, plot_logged_groups, register_log_keys,
+                                            unwrap)
 
 CHECKPOINT_KEY = "nnunet_partial"
 
@@ -194,20 +195,6 @@ class CandidateExportMixin:
 
     # ------------------------------------------------------------------ plots
     def plot_extra_progress(self) -> None:
-        import matplotlib
-        matplotlib.use("agg")
-        import matplotlib.pyplot as plt
-
         groups = {"pseudo Dice per candidate": [f"pseudo_dice_{n}" for n in self.candidate_networks()],
                   **self.extra_plot_groups}
-        fig, axes = plt.subplots(len(groups), 1, figsize=(10, 3.2 * len(groups)), squeeze=False)
-        for ax, (title, keys) in zip(axes[:, 0], groups.items()):
-            for k in keys:
-                values = self.logger.get_value(k, step=None)
-                ax.plot(range(len(values)), values, label=k)
-            ax.set_title(title)
-            ax.set_xlabel("epoch")
-            ax.legend(loc="best", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(os.path.join(self.output_folder, "progress_partial.png"))
-        plt.close(fig)
+        plot_logged_groups(self.logger, groups, os.path.join(self.output_folder, "progress_partial.png"))

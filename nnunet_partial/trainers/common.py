@@ -172,3 +172,23 @@ def register_log_keys(logger, keys: Iterable[str]) -> None:
     store = logger.local_logger.my_fantastic_logging
     for k in keys:
         store.setdefault(k, [])
+
+
+def plot_logged_groups(logger, groups: dict, path: str, height_per_plot: float = 3.2) -> None:
+    """One panel per group (title -> logger keys), every key's per-epoch values as a line; saved as ``path``.
+    The extra progress plots of our trainers, beside nnU-Net's progress.png."""
+    import matplotlib
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(groups), 1, figsize=(10, height_per_plot * len(groups)), squeeze=False)
+    for ax, (title, keys) in zip(axes[:, 0], groups.items()):
+        for k in keys:
+            values = logger.get_value(k, step=None)
+            ax.plot(range(len(values)), values, label=k)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -23,11 +23,23 @@
   ``EMATwin``, decay and warm-up) that sees the batch plus Mean Teacher's clamped Gaussian noise;
   student and teacher are both validated and the better one exported (``CandidateExportMixin``).
 
+Bounding boxes (``boxes`` of dataset.json, raw voxel coordinates) restrict the pseudo labels of the two
+taught trainers. They travel with the case as one extra segmentation channel: the training dataset is
+wrapped (:class:`BoxMaskDataset`, in the ``make_training_loader`` hook) so that ``load_case`` returns, in
+the place of nnU-Net's cascade ``seg_prev``, a lazy bit-field volume (:class:`BoxChannel`) holding the
+boxes mapped through the case's transpose, crop and resampling (:func:`preprocessed_box`, from the
+preprocessing properties). nnU-Net's loader crops it like ``seg`` and its spatial transforms resample
+it like ``seg``; :class:`MaxPooledOneHotDSTransform` passes it on at full resolution, and the trainer
+splits it off the target before any loss (:func:`split_box_channel`). Stock preprocessing, no custom
+preprocessor.
+
 Rules and measurements: docs/mlds.md.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+import math
+import os
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,8 +51,10 @@ from batchgeneratorsv2.transforms.utils.deep_supervision_downsampling import Dow
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.utilities.collate_outputs import collate_outputs
 
-from nnunet_partial.losses.mlds import (MultiLabelDeepSupervisionLoss, max_pooled_ds_targets, pool_kernel,
-                                        pseudo_head_loss, pseudo_label_targets)
+from nnunet_partial.annotations import PartialAnnotations, PartialLabelError
+from nnunet_partial.losses.mlds import (MultiLabelDeepSupervisionLoss, box_allowed, max_pooled_ds_targets,
+                                        pool_kernel, pseudo_head_loss, pseudo_label_targets)
+from nnunet_partial.networks import PseudoHeadNetwork, _CleanAndPseudoHead  # noqa: F401 (re-exported: old imports)
 from nnunet_partial.trainers.candidates import CandidateExportMixin
 from nnunet_partial.trainers.common import (EMATwin, autocast_context, backward_and_step, batch_to_device,
                                             host_values, sigmoid_rampup)
@@ -51,7 +65,11 @@ from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 # ---------------------------------------------------------------------- targets in nnU-Net's pipeline
 class MaxPooledOneHotDSTransform(SegOnlyTransform):
     """Drop-in for nnU-Net's ``DownsampleSegForDSTransform``: the label map at full resolution, the
-    max-pooled one-hot map (uint8, C channels) at every lower scale (losses/mlds.py)."""
+    max-pooled one-hot map (uint8, C channels) at every lower scale (losses/mlds.py).
+
+    A segmentation with more than one channel (the label map, then the box-mask channel of
+    :class:`BoxMaskDataset`) keeps all its channels at full resolution; the lower scales are computed from
+    the label map (channel 0) only."""
 
     def __init__(self, ds_scales, num_classes: int):
         super().__init__()
@@ -59,7 +77,10 @@ class MaxPooledOneHotDSTransform(SegOnlyTransform):
         self.num_classes = int(num_classes)
 
     def _apply_to_segmentation(self, segmentation: torch.Tensor, **params) -> List[torch.Tensor]:
-        return max_pooled_ds_targets(segmentation, self.num_classes, self.ds_scales)
+        targets = max_pooled_ds_targets(segmentation[:1], self.num_classes, self.ds_scales)
+        if segmentation.shape[0] > 1:
+            targets[0] = segmentation  # label map + box channel; split by the trainer (split_box_channel)
+        return targets
 
 
 def with_max_pooled_ds_targets(pipeline: BasicTransform, foreground_labels, regions, ignore_label) -> BasicTransform:
@@ -77,6 +98,146 @@ def with_max_pooled_ds_targets(pipeline: BasicTransform, foreground_labels, regi
     num_classes = max(int(v) for v in foreground_labels) + 1
     steps[found[0]] = MaxPooledOneHotDSTransform(steps[found[0]].ds_scales, num_classes)
     return pipeline
+
+
+# ---------------------------------------------------------------------- bounding boxes through nnU-Net's pipeline
+BOX_BITS = 15  # nnU-Net's loader casts the extra segmentation channel to int16: 15 bits per voxel without the sign
+
+
+def raw_shape_of(properties: dict, transpose_forward: Sequence[int]) -> tuple:
+    """The raw image's array shape (axes as nnU-Net's reader returns them) from the preprocessing properties,
+    whose ``shape_before_cropping`` is already transposed (``transposed[d] = raw[transpose_forward[d]]``)."""
+    transposed = properties["shape_before_cropping"]
+    raw = [0] * len(transposed)
+    for d, axis in enumerate(transpose_forward):
+        raw[axis] = int(transposed[d])
+    return tuple(raw)
+
+
+def preprocessed_box(box: Sequence[int], properties: dict, transpose_forward: Sequence[int], shape: Sequence[int],
+                     margin: int = 1) -> Optional[tuple]:
+    """A raw box ``(z0, y0, x0, z1, y1, x1)`` (upper bound exclusive) -> ``(lower, upper)`` in the preprocessed
+    array of ``shape`` (the case's ``seg.shape[1:]``), or None when nothing of it survives nnU-Net's crop.
+
+    The same three steps as nnU-Net's ``DefaultPreprocessor.run_case_npy``, from the case's properties:
+    transpose (``transpose_forward``), crop to the non-zero region (``bbox_used_for_cropping``, in transposed
+    axes), resample from ``shape_after_cropping_and_before_resampling`` to ``shape``. Voxel edges scale by
+    ``shape / cropped shape``; the result is rounded outwards and dilated by ``margin`` voxels on every
+    non-singleton axis, so the resampled and augmented label map of an organ inside the box stays inside it
+    (linear interpolation reaches less than one voxel).
+    """
+    bbox = properties["bbox_used_for_cropping"]
+    cropped = properties["shape_after_cropping_and_before_resampling"]
+    lower, upper = [], []
+    for d, axis in enumerate(transpose_forward):
+        lo = max(int(box[axis]) - int(bbox[d][0]), 0)
+        hi = min(int(box[3 + axis]) - int(bbox[d][0]), int(cropped[d]))
+        if hi <= lo:
+            return None  # the box lies in the zero border nnU-Net cropped away
+        f = shape[d] / cropped[d]
+        m = margin if shape[d] > 1 else 0
+        lower.append(max(0, math.floor(lo * f) - m))
+        upper.append(min(int(shape[d]), math.ceil(hi * f) + m))
+    return tuple(lower), tuple(upper)
+
+
+class BoxChannel:
+    """Lazy (Z, Y, X) int16 box mask of one preprocessed case: bit ``j`` set inside a box of bit ``j``.
+
+    nnU-Net's loader crops its patch out of it with ``crop_and_pad_nd`` (``array[slices]``), so only that
+    patch is rasterised: no full volume is stored or built. ``boxes``: ``(bit, lower, upper)`` in
+    preprocessed voxels, upper exclusive."""
+    ndim = 3
+    dtype = np.dtype(np.int16)
+
+    def __init__(self, shape: Sequence[int], boxes: Sequence[tuple]):
+        self.shape = tuple(int(s) for s in shape)
+        self.boxes = list(boxes)
+
+    def __getitem__(self, index) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (3 - len(index))
+        if len(index) != 3 or not all(isinstance(s, slice) for s in index):
+            raise TypeError(f"BoxChannel supports slicing with 3 slices only, got {index!r}")
+        ranges = [s.indices(n) for s, n in zip(index, self.shape)]
+        if any(step != 1 for _, _, step in ranges):
+            raise TypeError("BoxChannel supports contiguous slices only (step 1)")
+        out = np.zeros([max(0, b - a) for a, b, _ in ranges], dtype=np.int16)
+        for bit, lower, upper in self.boxes:
+            region = tuple(slice(max(lo, a) - a, min(hi, b) - a) for (a, b, _), lo, hi in zip(ranges, lower, upper))
+            if all(r.stop > r.start for r in region):
+                out[region] |= np.int16(1 << bit)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        full = self[:, :, :]
+        return full if dtype is None else full.astype(dtype)
+
+
+class BoxMaskDataset:
+    """An nnU-Net dataset whose ``load_case`` returns a :class:`BoxChannel` as ``seg_prev``.
+
+    nnU-Net's ``nnUNetDataLoader`` crops ``seg_prev`` exactly like ``seg`` (padding -1, which its
+    ``RemoveLabelTansform`` turns into 0) and appends it to the segmentation as channel 1, and every
+    spatial transform treats it as a label map: so the boxes follow the case through cropping,
+    resampling (here, from the properties) and augmentation without a custom preprocessor or loader.
+    Every case gets the channel (an all-zero one without boxes): nnU-Net stacks the samples of a batch.
+    Bit ``j`` stands for label value ``box_values[j]``. Everything else is the wrapped dataset's.
+    """
+
+    def __init__(self, dataset, annotations: PartialAnnotations, transpose_forward: Sequence[int], margin: int = 1):
+        if getattr(dataset, "folder_with_segs_from_previous_stage", None) is not None:
+            raise RuntimeError("bounding boxes use nnU-Net's previous-stage channel to travel with the case: the "
+                               "cascade (3d_cascade_fullres) cannot be trained with 'boxes'; use 3d_fullres or 2d")
+        self._inner = dataset
+        self.annotations = annotations
+        self.transpose_forward = tuple(int(a) for a in transpose_forward)
+        self.margin = int(margin)
+        self.box_values = annotations.box_label_values()
+        if len(self.box_values) > BOX_BITS:
+            names = [annotations.label_names[v - 1] for v in self.box_values]
+            raise PartialLabelError(
+                f"'boxes' are given for {len(names)} labels {names}; the box mask travels in one int16 channel of "
+                f"nnU-Net's loader, {BOX_BITS} labels at most. Drop the boxes of the labels that need them least.")
+        self.bit_of = {v: j for j, v in enumerate(self.box_values)}
+        from batchgenerators.utilities.file_and_folder_operations import load_pickle
+        for case in dataset.identifiers:  # fit the image: its raw shape is in the preprocessing properties
+            if self.annotations.boxes.get(case):
+                props = load_pickle(os.path.join(dataset.source_folder, case + ".pkl"))
+                annotations.check_boxes_in_shape(case, raw_shape_of(props, self.transpose_forward),
+                                                 where=f" ({dataset.source_folder})")
+
+    def __getattr__(self, name):
+        if name == "_inner":  # unpickling: not set yet
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+    def __len__(self):
+        return len(self._inner)
+
+    def __getitem__(self, item):
+        return self._inner[item]
+
+    def box_channel(self, case: str, properties: dict, shape: Sequence[int]) -> BoxChannel:
+        boxes = []
+        for value, case_boxes in self.annotations.boxes.get(case, {}).items():
+            for box in case_boxes:
+                mapped = preprocessed_box(box, properties, self.transpose_forward, shape, self.margin)
+                if mapped is not None:
+                    boxes.append((self.bit_of[value], *mapped))
+        return BoxChannel(shape, boxes)
+
+    def load_case(self, identifier):
+        data, seg, seg_prev, properties = self._inner.load_case(identifier)
+        return data, seg, self.box_channel(identifier, properties, seg.shape[1:]), properties
+
+
+def split_box_channel(target: list) -> Tuple[list, Optional[torch.Tensor]]:
+    """nnU-Net's deep-supervision target list -> (the list with the label map only, the (B, *S) box channel or
+    None): a full-resolution target of shape (B, 2, *S) carries the boxes in channel 1."""
+    if target[0].shape[1] == 1:
+        return target, None
+    return [target[0][:, :1], *target[1:]], target[0][:, 1]
 
 
 class nnUNetTrainerMLDS(nnUNetTrainerPartial):
@@ -117,56 +278,6 @@ class nnUNetTrainerMLDS(nnUNetTrainerPartial):
         return super().supervised_loss(output, target, annotated)
 
 
-# ---------------------------------------------------------------------- the extra head
-class _CleanAndPseudoHead(nn.Module):
-    """nnU-Net's outermost 1x1 output conv and a second one on the same features; channels concatenated."""
-
-    def __init__(self, clean: nn.Module):
-        super().__init__()
-        self.clean = clean
-        self.pseudo = type(clean)(clean.in_channels, clean.out_channels, 1, 1, 0, bias=True)
-        from dynamic_network_architectures.initialization.weight_init import InitWeights_He
-        self.pseudo.apply(InitWeights_He(1e-2))  # nnU-Net's initialisation of its own heads
-
-    def forward(self, x):
-        return torch.cat((self.clean(x), self.pseudo(x)), 1)
-
-
-class PseudoHeadNetwork(nn.Module):
-    """nnU-Net's network with a separate pseudo-label head at the outermost decoder level.
-
-    Returns what nnU-Net's network returns (the clean heads; a list with deep supervision), plus, in
-    training mode with deep supervision, the pseudo head's logits as the **last** list element.
-    ``decoder`` / ``encoder`` are the wrapped network's (nnU-Net toggles ``decoder.deep_supervision``).
-    """
-
-    def __init__(self, network: nn.Module):
-        super().__init__()
-        seg_layers = getattr(getattr(network, "decoder", None), "seg_layers", None)
-        if seg_layers is None:
-            raise TypeError(f"{type(network).__name__} has no decoder.seg_layers (nnU-Net's U-Net decoders): the "
-                            "self-/mean-taught trainers cannot add their pseudo-label head to it")
-        self.num_classes = int(seg_layers[-1].out_channels)
-        seg_layers[-1] = _CleanAndPseudoHead(seg_layers[-1])
-        self.network = network
-
-    @property
-    def decoder(self):
-        return self.network.decoder
-
-    @property
-    def encoder(self):
-        return self.network.encoder
-
-    def forward(self, x):
-        out = self.network(x)
-        c = self.num_classes
-        if not isinstance(out, (list, tuple)):
-            return out[:, :c]
-        clean = [out[0][:, :c], *out[1:]]
-        return clean + [out[0][:, c:]] if self.training else clean
-
-
 # ---------------------------------------------------------------------- self-taught / mean-taught
 PSEUDO_LOG_KEYS = ("mlds_supervised_loss", "mlds_pseudo_loss", "mlds_pseudo_weight")
 
@@ -184,7 +295,6 @@ class nnUNetTrainerMLDSSelfTaught(CandidateExportMixin, nnUNetTrainerMLDS):
 
     # Mean Teacher's two-stream batches (labelled last) and its supervised part (labelled cases only, selected
     # by rows known on the host: no host sync)
-    make_training_loader = nnUNetTrainerMeanTeacher.make_training_loader
     effective_labeled_batch_size = nnUNetTrainerMeanTeacher.effective_labeled_batch_size
     labelled_cases = nnUNetTrainerMeanTeacher.labelled_cases
     _supervised_part = nnUNetTrainerMeanTeacher._supervised_part
@@ -228,6 +338,29 @@ class nnUNetTrainerMLDSSelfTaught(CandidateExportMixin, nnUNetTrainerMLDS):
     def after_optimizer_step(self) -> None:
         pass
 
+    def make_training_loader(self, data, *args, **kwargs):
+        """Mean Teacher's two-stream loader, on the dataset wrapped to carry the box channel when the dataset
+        has ``boxes`` (:class:`BoxMaskDataset`)."""
+        if self.annotations is not None and self.annotations.boxes:
+            data = BoxMaskDataset(data, self.annotations, self.plans_manager.transpose_forward)
+            self.print_to_log_file(f"Bounding boxes: {len(self.annotations.boxes)} case(s) with boxes restrict the "
+                                   "pseudo labels")
+        return nnUNetTrainerMeanTeacher.make_training_loader(self, data, *args, **kwargs)
+
+    def batch_box_allowed(self, keys, box_channel: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """(B, C, *S) bool on the device: where each class's pseudo-foreground may stay by the cases' boxes
+        (:func:`~nnunet_partial.losses.mlds.box_allowed`), or None when the dataset has no boxes."""
+        if self.annotations is None or not self.annotations.boxes:
+            return None
+        if box_channel is None:
+            raise RuntimeError(f"{self.__class__.__name__}: the dataset has 'boxes' but this batch carries no box "
+                               "channel; batches must come from make_training_loader (BoxMaskDataset)")
+        if getattr(self, "_box_restricted", None) is None:
+            self._box_restricted = self.annotations.box_restricted()
+            self._box_values = self.annotations.box_label_values()  # bit j <-> value, as BoxMaskDataset
+        restricted = self.annotated_mask_table(self._box_restricted)(keys)
+        return box_allowed(box_channel, restricted, self._box_values)
+
     def batch_possible_classes(self, keys) -> Optional[torch.Tensor]:
         """(B, C) bool on the device: classes each case may contain by its image-level labels
         (``image_labels``; background always), or None when the dataset has none."""
@@ -241,13 +374,15 @@ class nnUNetTrainerMLDSSelfTaught(CandidateExportMixin, nnUNetTrainerMLDS):
 
     def mlds_losses(self, data: torch.Tensor, target: list, annotated: torch.Tensor, keys) -> dict:
         """The loss terms of one batch, with graphs: ``supervised`` (clean heads, manual labels of the
-        labelled cases) and ``pseudo`` (pseudo head only)."""
+        labelled cases) and ``pseudo`` (pseudo head only). ``target[0]`` may carry the box channel."""
+        target, box_channel = split_box_channel(target)
         *clean, pseudo_logits = self.network(data)
         labelled = self.labelled_cases(keys, annotated)
         supervised = self._supervised_part(clean, target, annotated, labelled)
         probabilities = self.pseudo_label_probabilities(data, clean)
         pseudo_target = pseudo_label_targets(probabilities, target[0], annotated, self.pseudo_threshold,
-                                             self.batch_possible_classes(keys))
+                                             self.batch_possible_classes(keys),
+                                             self.batch_box_allowed(keys, box_channel))
         pseudo = pseudo_head_loss(pseudo_logits, pseudo_target, self.pseudo_pool_kernel())
         return {"supervised": supervised, "pseudo": pseudo}
 
