@@ -41,7 +41,7 @@ from nnunet_partial.networks import MultiMixNetwork, multimix_module
 from nnunet_partial.trainers.common import (autocast_context, backward_and_step, batch_to_device, host_values,
                                             plot_logged_groups, register_log_keys)
 from nnunet_partial.trainers.mean_teacher import (_full_resolution, _take_rows,
-                                                  nnUNetTrainerMeanTeacher, with_host_rows)
+                                                  nnUNetTrainerMeanTeacher)
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial
 
 TRAIN_LOG_KEYS = ("mm_segmentation_loss", "mm_kl_loss", "mm_classification_loss", "mm_pseudo_loss",
@@ -136,6 +136,7 @@ class nnUNetTrainerMultiMix(nnUNetTrainerPartial):
     # Mean Teacher's two-stream batches and its selection of the segmented cases (rows known on the host)
     effective_labeled_batch_size = nnUNetTrainerMeanTeacher.effective_labeled_batch_size
     _supervised_part = nnUNetTrainerMeanTeacher._supervised_part
+    labelled_cases = nnUNetTrainerMeanTeacher.labelled_cases   # the segmented cases, rows known on the host
 
     # ------------------------------------------------------------------ network
     @classmethod
@@ -195,11 +196,6 @@ class nnUNetTrainerMultiMix(nnUNetTrainerPartial):
             return nnUNetTrainerMeanTeacher.make_training_loader(self, data, *args, **kwargs)
         return super().make_training_loader(data, *args, **kwargs)  # every case segmented: Partial's sampling
 
-    def segmented_cases(self, keys, annotated: torch.Tensor) -> torch.Tensor:
-        """(B,) bool device mask of the cases with a segmentation, their rows known on the host."""
-        rows = [i for i, k in enumerate(keys) if self.annotations is None or not self.annotations.is_unlabelled(k)]
-        return with_host_rows(annotated.any(1), rows)
-
     def strong_view(self, data: torch.Tensor) -> torch.Tensor:
         return strong_view(data, self.strong_transforms, self.strong_num_ops)
 
@@ -207,7 +203,7 @@ class nnUNetTrainerMultiMix(nnUNetTrainerPartial):
     def multimix_losses(self, data: torch.Tensor, target, keys) -> dict:
         """The loss terms of one batch (with graphs) and the values to log (detached)."""
         annotated = self.batch_annotated_mask(keys)
-        segmented = self.segmented_cases(keys, annotated)
+        segmented = self.labelled_cases(keys, annotated)
         class_targets = self.batch_class_targets(keys)
         # strong views of the same crops of the cases without a class label
         pseudo_rows = tuple(i for i, k in enumerate(keys) if k not in self.class_labels.labels) \
