@@ -637,7 +637,8 @@ def content_hashes(images: Sequence[sitk.Image]) -> tuple[str, str]:
     another header) and one in LPS order (the same scan re-stored with permuted / flipped axes, header
     consistent). Two sources shipping the same scan (MSD Task03 Liver = LiTS) share at least one of them."""
     raw = _hash_arrays(sitk.GetArrayViewFromImage(img) for img in images)
-    lps = _hash_arrays(sitk.GetArrayViewFromImage(reorient(img, "LPS")) for img in images)
+    # a copy: a view would outlive the temporary reoriented image (SimpleITK frees the buffer with it)
+    lps = _hash_arrays(sitk.GetArrayFromImage(reorient(img, "LPS")) for img in images)
     return raw, lps
 
 

@@ -37,7 +37,8 @@ def predicted_label_voxels(prediction_folder: str, file_ending: str, label_value
         return None
     counts = {int(v): 0 for v in label_values}
     for f in files:
-        values, n = np.unique(sitk.GetArrayViewFromImage(sitk.ReadImage(os.path.join(prediction_folder, f))),
+        # a copy: a view would outlive its temporary image (SimpleITK frees the buffer with it)
+        values, n = np.unique(sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(prediction_folder, f))),
                               return_counts=True)
         for v, c in zip(values.tolist(), n.tolist()):
             if v in counts:

@@ -14,8 +14,6 @@ trains on, each with a fully labelled oracle on the very same images.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -151,7 +149,8 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           cases_per_source: int = 4, n_full: int = 0, n_unlabelled: int = 0,
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
                           partial: bool = True, anatomy: str = "default", class_task: Optional[str] = None,
-                          class_labelled_fraction: float = 0.0) -> str:
+                          class_labelled_fraction: float = 0.0,
+                          edit_dataset_json: Optional[Callable[[dict], None]] = None) -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
     ``sources`` maps a source name to the organs it annotates; each source contributes
@@ -167,17 +166,20 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     ``round(class_labelled_fraction * n)`` cases of the plan get ``class_labels``. The fraction with
     segmentations is set by the plan: e.g. ``sources={}, n_full=2, n_unlabelled=18,
     class_labelled_fraction=0.5`` = 10 % segmented (and class-labelled), 40 % class label only, 50 % nothing.
+
+    ``edit_dataset_json`` may change the dataset.json dict in place (e.g. add weak labels) before the folder is moved
+    into place: a finished dataset folder always holds its whole metadata (nnU-Net's ``generate_dataset_json`` +
+    the converters' ``AtomicDataset``).
     """
+    import json
+
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
+
+    from dataset_conversion.common import AtomicDataset
     if class_task not in (None, "lesion"):
         raise ValueError(f"unknown class_task {class_task!r}; known: 'lesion'")
-
-    final = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} exists already; remove it or choose another dataset id")
-    os.makedirs(raw_root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".tmp_Dataset{dataset_id:03d}_", dir=raw_root)
-    try:
+    target = AtomicDataset(raw_root, dataset_id, name)  # refuses a second DatasetXXX_ folder of this id
+    with target as tmp:
         os.makedirs(os.path.join(tmp, "imagesTr"))
         os.makedirs(os.path.join(tmp, "labelsTr"))
         plan = [(src, tuple(organs)) for src, organs in sources.items() for _ in range(cases_per_source)]
@@ -202,11 +204,14 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
         generate_dataset_json(tmp, {0: "CT"}, LABELS, num_training_cases=len(plan), file_ending=".nii.gz",
                               dataset_name=f"Dataset{dataset_id:03d}_{name}",
                               description="nnunet-partial synthetic abdomen phantoms", **extra)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+        if edit_dataset_json is not None:
+            path = os.path.join(tmp, "dataset.json")
+            with open(path) as f:
+                dataset_json = json.load(f)
+            edit_dataset_json(dataset_json)
+            with open(path, "w") as f:
+                json.dump(dataset_json, f, indent=1)
+    return target.final
 
 
 def write_test_set(folder: str, n: int, shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 10_000,
@@ -332,35 +337,21 @@ def write_weak_label_dataset(raw_root: str, dataset_id: int, name: str = "Synthe
                              **plan) -> str:
     """:func:`write_partial_dataset` (``plan``: its other arguments) whose unlabelled cases (``[]``) get weak labels
     from their phantom's full label map: ``weak="image_labels"`` the organs present, ``"boxes"`` a tight box per
-    organ component (docs/mlds.md), ``"none"`` nothing. Written into a temporary folder first, so a dataset
-    folder always holds its weak labels."""
-    import json
+    organ component (docs/mlds.md), ``"none"`` nothing."""
     if weak not in WEAK_KINDS:
         raise ValueError(f"unknown weak-label kind {weak!r}; known: {WEAK_KINDS}")
-    final = os.path.join(raw_root, f"Dataset{dataset_id:03d}_{name}")
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} exists already; remove it or choose another dataset id")
-    os.makedirs(raw_root, exist_ok=True)
-    tmp_root = tempfile.mkdtemp(prefix=f".tmp_weak_{dataset_id:03d}_", dir=raw_root)
-    try:
-        folder = write_partial_dataset(tmp_root, dataset_id, name=name, seed=seed, shape=shape, anatomy=anatomy, **plan)
-        if weak != "none":
-            path = os.path.join(folder, "dataset.json")
-            with open(path) as f:
-                dj = json.load(f)
-            key = "image_labels" if weak == "image_labels" else "boxes"
-            dj[key] = {}
-            # annotated_labels is in plan order: case i is phantom seed * 100003 + i (write_partial_dataset)
-            for i, (case, organs) in enumerate(dj["annotated_labels"].items()):
-                if not organs:
-                    present, boxes = weak_labels_of(make_phantom(seed * 100003 + i, shape, anatomy)[1])
-                    dj[key][case] = present if weak == "image_labels" else boxes
-            with open(path, "w") as f:
-                json.dump(dj, f, indent=1)
-        os.replace(folder, final)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-    return final
+
+    def add_weak_labels(dj: dict) -> None:
+        key = "image_labels" if weak == "image_labels" else "boxes"
+        dj[key] = {}
+        # annotated_labels is in plan order: case i is phantom seed * 100003 + i (write_partial_dataset)
+        for i, (case, organs) in enumerate(dj["annotated_labels"].items()):
+            if not organs:
+                present, boxes = weak_labels_of(make_phantom(seed * 100003 + i, shape, anatomy)[1])
+                dj[key][case] = present if weak == "image_labels" else boxes
+
+    return write_partial_dataset(raw_root, dataset_id, name=name, seed=seed, shape=shape, anatomy=anatomy,
+                                 edit_dataset_json=None if weak == "none" else add_weak_labels, **plan)
 
 
 def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:

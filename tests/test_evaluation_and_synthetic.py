@@ -5,8 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from nnunet_partial.annotations import PartialAnnotations
-from nnunet_partial.evaluation import evaluate_folders, format_table, rewrite_summary_partial_aware
+from nnunet_partial.annotations import PartialAnnotations, PartialLabelError
+from nnunet_partial.evaluation import (evaluate_folders, format_table, predicted_label_voxels,
+                                       rewrite_summary_partial_aware)
 from nnunet_partial.synthetic import LABELS, make_phantom, write_nifti, write_partial_dataset
 
 
@@ -42,6 +43,22 @@ def test_dice_hd95_and_partial_aware_means(tmp_path):
     assert res["mean"]["liver"]["n_cases"] == 2
     table = format_table({"model": res}, ["liver", "kidney"])
     assert "model" in table and "1.000" in table
+
+
+def test_predicted_label_voxels_counts_exactly(tmp_path):
+    """The LOST ORGAN check's counts. Regression: they came from a NumPy view of a temporary SimpleITK image,
+    whose buffer is freed while np.unique copies it, so counts drifted and garbage values appeared (CI once
+    found 'spleen' predicted in files that held none)."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(3):
+        arr = rng.integers(0, 5, (16, 32, 32)).astype(np.uint8)
+        arr[arr == 3] = 0
+        arrays.append(arr)
+        write_nifti(arr, str(tmp_path / f"case{i}.nii.gz"))
+    counts = predicted_label_voxels(str(tmp_path), ".nii.gz", [1, 2, 3, 4])
+    assert counts == {**{v: int(sum((a == v).sum() for a in arrays)) for v in (1, 2, 3, 4)}, "n_cases": 3}
+    assert counts[3] == 0 and predicted_label_voxels(str(tmp_path / "none"), ".nii.gz", [1]) is None
 
 
 def test_rewrite_nnunet_summary_partial_aware(tmp_path):
@@ -91,8 +108,8 @@ def test_partial_dataset_stores_only_annotated_organs(tmp_path):
     assert set(np.unique(seg)) == {0, 2}
     seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", "unlabelled_001.nii.gz")))
     assert not seg.any()
-    with pytest.raises(FileExistsError):
-        write_partial_dataset(str(tmp_path), 77, "T", cases_per_source=1)
+    with pytest.raises(PartialLabelError, match="already exists"):  # any DatasetXXX_ folder of that id
+        write_partial_dataset(str(tmp_path), 77, "Other", cases_per_source=1)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
