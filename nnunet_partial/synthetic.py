@@ -150,7 +150,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
                           partial: bool = True, anatomy: str = "default", class_task: Optional[str] = None,
                           class_labelled_fraction: float = 0.0,
-                          edit_dataset_json: Optional[Callable[[dict], None]] = None) -> str:
+                          edit_metadata: Optional[Callable[[dict], None]] = None) -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
     ``sources`` maps a source name to the organs it annotates; each source contributes
@@ -167,12 +167,10 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     segmentations is set by the plan: e.g. ``sources={}, n_full=2, n_unlabelled=18,
     class_labelled_fraction=0.5`` = 10 % segmented (and class-labelled), 40 % class label only, 50 % nothing.
 
-    ``edit_dataset_json`` may change the dataset.json dict in place (e.g. add weak labels) before the folder is moved
-    into place: a finished dataset folder always holds its whole metadata (nnU-Net's ``generate_dataset_json`` +
-    the converters' ``AtomicDataset``).
+    ``edit_metadata`` may change, in place, the dict of our dataset.json keys (``annotated_labels``, ...) before
+    nnU-Net's ``generate_dataset_json`` writes them (e.g. to add weak labels); the folder is moved into place only
+    afterwards (the converters' ``AtomicDataset``), so a finished dataset always holds its whole metadata.
     """
-    import json
-
     from nnunetv2.dataset_conversion.generate_dataset_json import generate_dataset_json
 
     from dataset_conversion.common import AtomicDataset
@@ -201,16 +199,11 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
         extra = {"annotated_labels": annotated} if partial else {}
         if class_task:
             extra.update({"class_names": list(LESION_CLASSES), "class_labels": class_labels})
+        if edit_metadata is not None:
+            edit_metadata(extra)
         generate_dataset_json(tmp, {0: "CT"}, LABELS, num_training_cases=len(plan), file_ending=".nii.gz",
                               dataset_name=f"Dataset{dataset_id:03d}_{name}",
                               description="nnunet-partial synthetic abdomen phantoms", **extra)
-        if edit_dataset_json is not None:
-            path = os.path.join(tmp, "dataset.json")
-            with open(path) as f:
-                dataset_json = json.load(f)
-            edit_dataset_json(dataset_json)
-            with open(path, "w") as f:
-                json.dump(dataset_json, f, indent=1)
     return target.final
 
 
@@ -341,17 +334,17 @@ def write_weak_label_dataset(raw_root: str, dataset_id: int, name: str = "Synthe
     if weak not in WEAK_KINDS:
         raise ValueError(f"unknown weak-label kind {weak!r}; known: {WEAK_KINDS}")
 
-    def add_weak_labels(dj: dict) -> None:
+    def add_weak_labels(metadata: dict) -> None:
         key = "image_labels" if weak == "image_labels" else "boxes"
-        dj[key] = {}
+        metadata[key] = {}
         # annotated_labels is in plan order: case i is phantom seed * 100003 + i (write_partial_dataset)
-        for i, (case, organs) in enumerate(dj["annotated_labels"].items()):
+        for i, (case, organs) in enumerate(metadata["annotated_labels"].items()):
             if not organs:
                 present, boxes = weak_labels_of(make_phantom(seed * 100003 + i, shape, anatomy)[1])
-                dj[key][case] = present if weak == "image_labels" else boxes
+                metadata[key][case] = present if weak == "image_labels" else boxes
 
     return write_partial_dataset(raw_root, dataset_id, name=name, seed=seed, shape=shape, anatomy=anatomy,
-                                 edit_dataset_json=None if weak == "none" else add_weak_labels, **plan)
+                                 edit_metadata=None if weak == "none" else add_weak_labels, **plan)
 
 
 def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
