@@ -96,6 +96,48 @@ def format_run_summary(name: str, summary: dict, labels: Optional[list] = None) 
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------- training curves (why organs get lost)
+EMERGED_DICE = 0.5  # an organ has emerged in a run at the first epoch whose pseudo Dice reaches this
+
+
+def emergence_epoch(pseudo_dice, threshold: float = EMERGED_DICE) -> Optional[int]:
+    """First epoch (0-based) whose pseudo Dice reaches ``threshold``; None when none does. ``pseudo_dice``: one
+    value per epoch, NaN where the epoch's validation could not score the organ (never counts as emerged)."""
+    for epoch, value in enumerate(np.asarray(list(pseudo_dice), dtype=float)):
+        if np.isfinite(value) and value >= threshold:
+            return epoch
+    return None
+
+
+def read_training_curves(fold_folder: str) -> dict:
+    """Per-epoch curves of one nnU-Net training from its checkpoint (``checkpoint_final.pth``, else
+    ``checkpoint_latest.pth``): ``trainer`` (class name), ``labels`` (foreground label names in value order), ``pseudo_dice``
+    (epochs, labels), ``train_loss`` / ``val_loss`` (epochs,), and our
+    trainers' diagnostics ``predicted_fraction`` / ``mean_probability`` (epochs, 1 + labels; background first)
+    or None where the trainer does not log them (stock nnU-Net)."""
+    import torch
+    for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
+        path = os.path.join(fold_folder, name)
+        if os.path.isfile(path):
+            break
+    else:
+        raise FileNotFoundError(f"no checkpoint_final.pth or checkpoint_latest.pth in {fold_folder}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    log = ckpt["logging"]
+    labels = {k: v for k, v in ckpt["init_args"]["dataset_json"]["labels"].items() if k != "background"}
+    names = [k for k, _ in sorted(labels.items(), key=lambda kv: kv[1] if isinstance(kv[1], int) else max(kv[1]))]
+    n = len(log["dice_per_class_or_region"])
+
+    def optional(key):
+        return np.asarray(log[key][:n], dtype=float) if len(log.get(key, [])) >= n and n else None
+
+    return {"labels": names, "trainer": ckpt.get("trainer_name"), "pseudo_dice": np.asarray(log["dice_per_class_or_region"], dtype=float).reshape(n, -1),
+            "train_loss": np.asarray(log["train_losses"][:n], dtype=float),
+            "val_loss": np.asarray(log["val_losses"][:n], dtype=float),
+            "predicted_fraction": optional("predicted_fraction_per_class"),
+            "mean_probability": optional("mean_probability_per_class")}
+
+
 # ---------------------------------------------------------------------- nnU-Net's summary.json
 def partial_aware_summary(summary: dict, annotations: PartialAnnotations, file_ending: str) -> dict:
     """The partial-aware rule on an nnU-Net summary dict (as ``compute_metrics_on_folder`` returns it).

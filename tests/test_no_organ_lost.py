@@ -2,13 +2,15 @@
 sampling, the per-class diagnostics, the LOST ORGAN warning, and nnUNetTrainerPartialEMA."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_helpers import load_trainer, run
+from nnunet_helpers import REPO_ROOT, load_trainer, run
+from nnunet_partial.evaluation import emergence_epoch
 from nnunet_partial.annotations import PartialAnnotations
 from nnunet_partial.splits import split_coverage, stratified_crossval_split
 
@@ -23,6 +25,16 @@ def _demo_like(per_source=4, n_unlabelled=0):
     cases = {f"{o}_{i:03d}": [o] for o in ("liver", "kidney", "spleen", "pancreas") for i in range(per_source)}
     cases.update({f"unlabelled_{i:03d}": [] for i in range(n_unlabelled)})
     return cases
+
+
+# ---------------------------------------------------------------------- training curves (unit)
+def test_emergence_epoch_is_the_first_epoch_reaching_the_threshold():
+    assert emergence_epoch([0.0, 0.2, 0.5, 0.9]) == 2          # reaching 0.5 counts
+    assert emergence_epoch([0.9, 0.0, 0.0]) == 0               # first, not last
+    assert emergence_epoch([0.0, 0.49, 0.3]) is None           # never
+    assert emergence_epoch([float("nan"), float("nan"), 0.7]) == 2   # NaN (not scored) never counts
+    assert emergence_epoch([]) is None
+    assert emergence_epoch([0.2, 0.35], threshold=0.3) == 1
 
 
 # ---------------------------------------------------------------------- split (unit)
@@ -198,6 +210,18 @@ def test_partial_ema_trains_and_predicts_through_stock_cli(partial_dataset, nnun
     ckpt = torch.load(os.path.join(fold, "checkpoint_final.pth"), weights_only=False)
     assert ckpt["nnunet_partial"]["exported_candidate"] in ("ema", "network")
     assert len(ckpt["logging"]["predicted_fraction_per_class"]) == 2  # per-class diagnostics, every epoch
+    # the curves script reads this real checkpoint: one row per run, an emergence cell per organ, the figure
+    curves = run([sys.executable, os.path.join(REPO_ROOT, "scripts", "organ_curves.py"), "--group", f"tiny={fold}",
+                  "--png", str(tmp_path / "curves.png")], env=nnunet_env).stdout
+    header = next(line for line in curves.splitlines() if line.strip().startswith("run"))
+    assert header.split() == ["run", "liver", "kidney", "spleen", "pancreas"]
+    assert "tiny: 1 runs, 2 epochs" in curves and curves.count("emerged: ") == 4
+    pseudo = np.asarray(ckpt["logging"]["dice_per_class_or_region"], dtype=float)
+    row = curves.splitlines()[curves.splitlines().index(header) + 1].split()[-4:]
+    for cell, column in zip(row, pseudo.T):
+        expected = emergence_epoch(column)
+        assert cell == ("n/a" if not np.isfinite(column).any() else "never" if expected is None else str(expected))
+    assert os.path.getsize(tmp_path / "curves.png") > 0
     images = tmp_path / "images"
     images.mkdir()
     os.symlink(os.path.join(partial_dataset.raw, "imagesTr", "full_001_0000.nii.gz"), images / "full_001_0000.nii.gz")
