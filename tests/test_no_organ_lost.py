@@ -164,7 +164,21 @@ def test_lost_organ_warning_names_an_organ_no_validation_case_shows(partial_data
         sitk.WriteImage(sitk.GetImageFromArray(arr), str(pred / f"case{i}.nii.gz"))
     capsys.readouterr()
     assert trainer.warn_lost_organs(str(pred)) == ["spleen"]
-    assert "LOST ORGAN: ['spleen'] predicted on none of the 2 validation cases" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "LOST ORGAN: ['spleen'] predicted on none of the 2 validation cases" in out
+    assert "Pseudo Dice" not in out   # no epoch logged: nothing to say about the curve
+    # the per-epoch pseudo Dice (liver, kidney, spleen, pancreas) tells "not learned yet" from "forgotten"
+    log = trainer.logger.get_value("dice_per_class_or_region", step=None)   # the logger's own list
+    log[:] = [[0.3, 0.1, 0.0, 0.0], [0.8, 0.6, 0.2, 0.7]]
+    trainer.warn_lost_organs(str(pred))
+    assert "Pseudo Dice of ['spleen'] never reached 0.5 in 2 epochs: not learned yet." in capsys.readouterr().out
+    log[:] = [[0.3, 0.1, 0.0, 0.0], [0.8, 0.6, 0.9, 0.7], [0.8, 0.6, 0.05, 0.7]]
+    trainer.warn_lost_organs(str(pred))
+    assert "Pseudo Dice of ['spleen (from epoch 1)'] reached 0.5 and was lost again: forgotten." in capsys.readouterr().out
+    log[:] = [[0.3, 0.1, float("nan"), 0.0]]   # the validation fold never scored the spleen: no claim either way
+    trainer.warn_lost_organs(str(pred))
+    assert "Pseudo Dice" not in capsys.readouterr().out
+    log[:] = []
     # every organ predicted somewhere: no warning
     sitk.WriteImage(sitk.GetImageFromArray(np.full((4, 8, 8), 3, np.uint8)), str(pred / "case2.nii.gz"))
     assert trainer.warn_lost_organs(str(pred)) == []

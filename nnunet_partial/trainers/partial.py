@@ -280,10 +280,34 @@ class nnUNetTrainerPartial(nnUNetTrainer):
         if lost:
             self.print_to_log_file(
                 f"WARNING: LOST ORGAN: {lost} predicted on none of the {counts['n_cases']} validation cases although "
-                "the dataset annotates them: the network has stopped predicting them. Train longer, check the "
-                "split and annotations (nnunet-partial check), or use a weight-averaged trainer "
+                f"the dataset annotates them. {self._switch_on_history({v: n for v, n in names.items() if n in lost})}"
+                " Small or look-alike organs are learned late in short schedules (docs/lost_organs.md): train longer, "
+                "check the split and annotations (nnunet-partial check), or use a weight-averaged trainer "
                 "(nnUNetTrainerPartialEMA / nnUNetTrainerCoWAM).", also_print_to_console=True)
         return lost
+
+    def _switch_on_history(self, lost: dict) -> str:
+        """What the per-epoch pseudo Dice says about lost labels (value -> name): never learned in the
+        epochs trained (the usual case in short runs), or learned and then forgotten."""
+        from nnunet_partial.evaluation import EMERGED_DICE, emergence_epoch
+        history = self.logger.get_value("dice_per_class_or_region", step=None) or []
+        foreground = list(self.label_manager.foreground_labels)
+        never, forgotten = [], []
+        for value, name in lost.items():
+            if value not in foreground or not history:
+                continue
+            curve = [epoch[foreground.index(value)] for epoch in history]
+            if not np.isfinite(np.asarray(curve, dtype=float)).any():
+                continue  # the validation fold never scored it: the curve cannot tell
+            first = emergence_epoch(curve)
+            (never if first is None else forgotten).append(name if first is None else f"{name} (from epoch {first})")
+        parts = []
+        if never:
+            parts.append(f"Pseudo Dice of {never} never reached {EMERGED_DICE} in {len(history)} epochs: not learned "
+                         f"yet.")
+        if forgotten:
+            parts.append(f"Pseudo Dice of {forgotten} reached {EMERGED_DICE} and was lost again: forgotten.")
+        return " ".join(parts)
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         super().perform_actual_validation(save_probabilities)
