@@ -14,6 +14,7 @@ touched. :func:`split_coverage` says what a given split cannot score.
 """
 from __future__ import annotations
 
+import os
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
@@ -50,6 +51,20 @@ def stratified_crossval_split(case_ids: Sequence[str], annotations: PartialAnnot
             folds[position % n_splits].append(case)
             position += 1
     return [{"train": sorted(c for c in case_ids if c not in set(val)), "val": sorted(val)} for val in folds]
+
+
+def write_stratified_split(preprocessed_dataset_folder_base: str, case_ids: Sequence[str],
+                           annotations: PartialAnnotations, provenance: Optional[Mapping] = None) -> Optional[str]:
+    """Write :func:`stratified_crossval_split` as ``splits_final.json`` unless that file exists (a user's split is
+    never replaced). Atomic: every DDP rank may call it, none reads half a file. Returns the path when written."""
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    splits_file = os.path.join(preprocessed_dataset_folder_base, "splits_final.json")
+    if os.path.isfile(splits_file):
+        return None
+    tmp = f"{splits_file}.{os.getpid()}.tmp"
+    save_json(stratified_crossval_split(case_ids, annotations, provenance), tmp)
+    os.replace(tmp, splits_file)
+    return splits_file
 
 
 def split_coverage(annotations: PartialAnnotations, train_keys: Sequence[str], val_keys: Sequence[str]) -> dict:

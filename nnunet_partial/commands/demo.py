@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -19,7 +20,9 @@ DEMO_BASE_TRAINERS = ("nnUNetTrainer", "nnUNetTrainerPartial")
 
 def run_demo(workdir: str, configuration: str = "2d", cases_per_source: int = 4, n_test: int = 4,
              schedule: str = "demo", device=None, dataset_id: int = DEMO_DATASET_ID, echo=print) -> dict:
+    from nnunet_partial.annotations import PROVENANCE_KEY, PartialAnnotations
     from nnunet_partial.evaluation import evaluate_folders, format_table, save_results
+    from nnunet_partial.splits import write_stratified_split
     from nnunet_partial.experiment import Workspace, default_device
     from nnunet_partial.synthetic import LABELS, ORGANS, write_partial_dataset, write_test_set
 
@@ -39,6 +42,13 @@ def run_demo(workdir: str, configuration: str = "2d", cases_per_source: int = 4,
 
     echo(f"[{next(step)}/{steps}] nnUNetv2_plan_and_preprocess -d {dataset_id} -c {configuration}")
     ws.plan_and_preprocess(dataset_id, [configuration])
+    # the stratified split before any training: the stock baseline trains first and would otherwise write nnU-Net's
+    # random split, which Partial then keeps (a split on disk is never replaced); fold 0 would miss a source
+    with open(os.path.join(ws.raw, name, "dataset.json")) as f:
+        dataset_json = json.load(f)
+    annotations = PartialAnnotations.from_dataset_json(dataset_json)
+    write_stratified_split(os.path.join(ws.preprocessed, name), sorted(annotations.annotated), annotations,
+                           dataset_json.get(PROVENANCE_KEY))
 
     results = {}
     for trainer in trainers:

@@ -24,15 +24,13 @@ import sys
 
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import isfile, join, save_json
-
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.annotations import PROVENANCE_KEY, PartialAnnotations, full_annotation_mask, validate_preprocessed
 from nnunet_partial.dataloading import AnnotationAwareDataLoader
 from nnunet_partial.losses.marginal import MarginalDCandCELoss
-from nnunet_partial.splits import split_coverage, stratified_crossval_split
+from nnunet_partial.splits import split_coverage, write_stratified_split
 from nnunet_partial.trainers.common import autocast_context, backward_and_step, batch_to_device, register_log_keys
 
 DIAGNOSTIC_LOG_KEYS = ("predicted_fraction_per_class", "mean_probability_per_class")
@@ -87,16 +85,12 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
             self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
         if self.annotations is not None and self.fold != "all":
-            splits_file = join(self.preprocessed_dataset_folder_base, "splits_final.json")
-            if not isfile(splits_file):
-                cases = self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)
-                splits = stratified_crossval_split(cases, self.annotations, self.dataset_json.get(PROVENANCE_KEY))
-                # every DDP rank computes the same split; write atomically so no rank reads half a file
-                tmp = f"{splits_file}.{os.getpid()}.tmp"
-                save_json(splits, tmp)
-                os.replace(tmp, splits_file)
+            written = write_stratified_split(self.preprocessed_dataset_folder_base,
+                                             self.dataset_class.get_identifiers(self.preprocessed_dataset_folder),
+                                             self.annotations, self.dataset_json.get(PROVENANCE_KEY))
+            if written:
                 self.print_to_log_file("Wrote a 5-fold split stratified by annotation pattern and source to "
-                                       f"{splits_file} (nnunet-partial; a split file you write is never replaced)")
+                                       f"{written} (nnunet-partial; a split file you write is never replaced)")
         tr_keys, val_keys = super().do_split()
         if self.annotations is not None and not getattr(self, "_split_checked", False):
             self._split_checked = True
