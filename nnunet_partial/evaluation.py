@@ -111,10 +111,10 @@ def emergence_epoch(pseudo_dice, threshold: float = EMERGED_DICE) -> Optional[in
 
 def read_training_curves(fold_folder: str) -> dict:
     """Per-epoch curves of one nnU-Net training from its checkpoint (``checkpoint_final.pth``, else
-    ``checkpoint_latest.pth``): ``trainer`` (class name), ``labels`` (foreground label names in value order), ``pseudo_dice``
-    (epochs, labels), ``train_loss`` / ``val_loss`` (epochs,), and our
-    trainers' diagnostics ``predicted_fraction`` / ``mean_probability`` (epochs, 1 + labels; background first)
-    or None where the trainer does not log them (stock nnU-Net)."""
+    ``checkpoint_latest.pth``): ``trainer`` (class name), ``labels`` (foreground label names in value order),
+    ``pseudo_dice`` (epochs, labels), ``train_loss`` / ``val_loss`` (epochs,), and our trainers' diagnostics
+    ``predicted_fraction`` / ``mean_probability`` (epochs, 1 + labels; background first) or None where the
+    trainer does not log them (stock nnU-Net)."""
     import torch
     for name in ("checkpoint_final.pth", "checkpoint_latest.pth"):
         path = os.path.join(fold_folder, name)
@@ -131,7 +131,8 @@ def read_training_curves(fold_folder: str) -> dict:
     def optional(key):
         return np.asarray(log[key][:n], dtype=float) if len(log.get(key, [])) >= n and n else None
 
-    return {"labels": names, "trainer": ckpt.get("trainer_name"), "pseudo_dice": np.asarray(log["dice_per_class_or_region"], dtype=float).reshape(n, -1),
+    return {"labels": names, "trainer": ckpt.get("trainer_name"),
+            "pseudo_dice": np.asarray(log["dice_per_class_or_region"], dtype=float).reshape(n, -1),
             "train_loss": np.asarray(log["train_losses"][:n], dtype=float),
             "val_loss": np.asarray(log["val_losses"][:n], dtype=float),
             "predicted_fraction": optional("predicted_fraction_per_class"),

@@ -85,6 +85,8 @@ def format_group(name: str, runs: list) -> str:
              f"  {'run':<40}" + "".join(f"{lbl:>10}" for lbl in labels)]
     for short, (_, c) in zip(_run_names([f for f, _ in runs]), runs):
         lines.append(f"  {short:<40}" + "".join(f"{_cell(c['pseudo_dice'][:, i]):>10}" for i in range(len(labels))))
+    ipe = {iterations_per_epoch(c["trainer"]) for _, c in runs}
+    ipe = ipe.pop() if len(ipe) == 1 else None   # runs of different schedules: epochs only
     summary = []
     for i, lbl in enumerate(labels):
         scored = [c["pseudo_dice"][:, i] for _, c in runs if np.isfinite(c["pseudo_dice"][:, i]).any()]
@@ -92,8 +94,6 @@ def format_group(name: str, runs: list) -> str:
         if not scored:
             summary.append(f"{lbl}: not scored by validation")
             continue
-        ipe = {iterations_per_epoch(c["trainer"]) for _, c in runs}
-        ipe = ipe.pop() if len(ipe) == 1 else None   # runs of different schedules: epochs only
         steps = f", i.e. after {(min(found) + 1) * ipe}-{(max(found) + 1) * ipe} steps" if found and ipe else ""
         summary.append(f"{lbl}: " + (f"median {np.median(found):g} (range {min(found)}-{max(found)}{steps})" if found
                                       else "-") + f", never in {len(scored) - len(found)} of {len(scored)}")

@@ -294,11 +294,14 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             if not np.isfinite(np.asarray(curve, dtype=float)).any():
                 continue  # the validation fold never scored it: the curve cannot tell
             first = emergence_epoch(curve)
-            (never if first is None else forgotten).append(name if first is None else f"{name} (from epoch {first})")
+            if first is None:
+                never.append(name)
+            else:
+                forgotten.append(f"{name} (from epoch {first})")
         parts = []
         if never:
-            parts.append(f"Pseudo Dice of {never} never reached {EMERGED_DICE} in {len(history)} epochs: not learned "
-                         f"yet.")
+            parts.append(f"Pseudo Dice of {never} never reached {EMERGED_DICE} in {len(history)} epochs: "
+                         "not learned yet.")
         if forgotten:
             parts.append(f"Pseudo Dice of {forgotten} reached {EMERGED_DICE} and was lost again: forgotten.")
         return " ".join(parts)
