@@ -6,7 +6,12 @@ import os
 
 import pytest
 
-from nnunet_helpers import PreprocessedDataset, plan_and_preprocess
+# Before anything imports nnU-Net: nnunetv2.configuration reads nnUNet_def_n_proc once, at import
+# (8 worker processes by default), and the tests run nnU-Net's commands in this process too.
+CPU_SETTINGS = {"nnUNet_n_proc_DA": "0", "nnUNet_compile": "false", "nnUNet_def_n_proc": "2"}
+os.environ.update(CPU_SETTINGS)
+
+from nnunet_helpers import PreprocessedDataset, plan_and_preprocess  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +29,7 @@ def nnunet_env(tmp_path_factory):
         "nnUNet_preprocessed": str(base / "preprocessed"),
         "nnUNet_results": str(base / "results"),
         "nnUNet_extTrainer": ext_trainer_value(""),
-        "nnUNet_n_proc_DA": "0",
-        "nnUNet_compile": "false",
-        "nnUNet_def_n_proc": "2",
+        **CPU_SETTINGS,
     }
     for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         os.makedirs(values[k], exist_ok=True)

@@ -13,13 +13,84 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "totalseg_mr")
 
 
-def run(cmd: list[str], env: dict | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """Run a command, fail the test with the tail of its output if it fails."""
-    proc = subprocess.run(cmd, env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout)
+def run(cmd: list[str], env: dict | None = None, timeout: int = 900,
+        fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """Run a command; fail the test with the tail of its output if it fails.
+
+    A console script of nnU-Net (``nnUNetv2_*``) or ``nnunet-partial`` (``cli(...)``) runs in this
+    process: its entry-point function, called as the console script calls it, with ``sys.argv`` and
+    ``env`` set and the output captured at the file descriptors. That is the same code as the
+    command, without the import of torch and nnU-Net per call (about 8 s on the 2-core machine, and
+    as much again in each worker nnU-Net spawns, since a spawned worker re-imports its parent's main
+    script). ``fresh_process=True`` runs it as a new process instead, as a user does: the tests of
+    the stock CLI path keep that.
+    """
+    entry = None if fresh_process else _entry_point(cmd)
+    if entry is None:
+        proc = subprocess.run(cmd, env=env or os.environ.copy(), capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = _run_in_process(cmd, *entry, env=env or os.environ.copy())
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + "\n" + proc.stderr).splitlines()[-60:])
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
     return proc
+
+
+def _entry_point(cmd: list[str]):
+    """(function, argv) of a console script of nnU-Net or ours, or None for any other command."""
+    if cmd[:3] == [sys.executable, "-m", "nnunet_partial.cli"]:
+        from nnunet_partial.cli import main
+        return main, ["nnunet-partial", *cmd[3:]]
+    from importlib.metadata import entry_points
+
+    name = os.path.basename(cmd[0])
+    scripts = entry_points(group="console_scripts", name=name)
+    script = next((s for s in scripts if s.value.startswith(("nnunetv2.", "nnunet_partial."))), None)
+    return None if script is None else (script.load(), [name, *cmd[1:]])
+
+
+def _run_in_process(cmd: list[str], function, argv: list[str], env: dict) -> subprocess.CompletedProcess:
+    import tempfile
+    import traceback
+
+    saved_env, saved_argv, saved_streams = dict(os.environ), sys.argv, (sys.stdout, sys.stderr)
+    saved_fds = os.dup(1), os.dup(2)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 1)   # file descriptors: the commands' own subprocesses print there too
+        os.dup2(err.fileno(), 2)
+        streams = [open(fd, "w", buffering=1, closefd=False) for fd in (1, 2)]
+        sys.stdout, sys.stderr = streams
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = argv
+        try:
+            result = function()
+            returncode = result if isinstance(result, int) else 0
+        except SystemExit as e:
+            returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if not isinstance(e.code, int) and e.code is not None:
+                print(e.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            returncode = 1
+        finally:
+            for stream in streams:
+                stream.close()
+            sys.stdout, sys.stderr = saved_streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+            sys.argv = saved_argv
+        texts = []
+        for f in (out, err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+    return subprocess.CompletedProcess(cmd, returncode, stdout=texts[0], stderr=texts[1])
 
 
 def cli(*args: str) -> list[str]:

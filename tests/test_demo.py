@@ -13,7 +13,8 @@ from nnunet_helpers import run
 def test_demo_runs_end_to_end(tmp_path, nnunet_env):
     workdir = tmp_path / "demo"
     out = run([sys.executable, "-m", "nnunet_partial.cli", "demo", "-w", str(workdir), "--schedule", "tiny",
-               "--cases-per-source", "2", "--n-test", "1", "--device", "cpu"], env=nnunet_env, timeout=1500).stdout
+               "--cases-per-source", "2", "--n-test", "1", "--device", "cpu"], env=nnunet_env, timeout=1500,
+              fresh_process=True).stdout  # the README's command, as a user runs it
     assert "nnUNetv2_plan_and_preprocess" in out and "nnUNetv2_predict" in out
     table = out[out.index("Dice on 1 fully labelled test cases"):]
     for row in ("nnUNetTrainer_tiny", "nnUNetTrainerPartial_tiny"):

@@ -102,8 +102,9 @@ def test_bad_metadata_is_refused_before_training(make_dataset, nnunet_env, tmp_p
 @pytest.mark.integration
 def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp_path):
     trainer = "nnUNetTrainerPartial_tiny"
+    # fresh processes, as a user runs them: nnUNet_extTrainer finds our trainer from the command line
     run(["nnUNetv2_train", str(partial_dataset.dataset_id), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
-        env=nnunet_env)
+        env=nnunet_env, fresh_process=True)
     fold = os.path.join(nnunet_env["nnUNet_results"], partial_dataset.name,
                         f"{trainer}__nnUNetPlans__3d_fullres", "fold_0")
     for f in ("checkpoint_final.pth", "checkpoint_best.pth", "progress.png", "validation/summary.json"):
@@ -128,7 +129,7 @@ def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp
     os.remove(os.path.join(fold, "checkpoint_final.pth"))
     logs_before = set(glob.glob(os.path.join(fold, "training_log_*.txt")))
     out = run(["nnUNetv2_train", str(partial_dataset.dataset_id), "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
-               "--c"], env=nnunet_env).stdout
+               "--c"], env=nnunet_env, fresh_process=True).stdout
     assert "Epoch 1" in out and "Epoch 0\n" not in out
     assert os.path.isfile(os.path.join(fold, "checkpoint_final.pth"))
     assert len(set(glob.glob(os.path.join(fold, "training_log_*.txt"))) - logs_before) <= 1
@@ -141,7 +142,8 @@ def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp
         os.symlink(src, images / f"{case}_0000.nii.gz")
     pred = tmp_path / "pred"
     run(["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", str(partial_dataset.dataset_id), "-c",
-         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env=nnunet_env)
+         "3d_fullres", "-f", "0", "-tr", trainer, "-device", "cpu", "-npp", "1", "-nps", "1"], env=nnunet_env,
+        fresh_process=True)
     for case in ("liver_001", "full_001"):
         seg = sitk.ReadImage(str(pred / f"{case}.nii.gz"))
         img = sitk.ReadImage(os.path.join(images, f"{case}_0000.nii.gz"))
