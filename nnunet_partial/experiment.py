@@ -72,9 +72,10 @@ class Workspace:
         return time.time() - t0
 
     def plan_and_preprocess(self, dataset_id: int, configurations: Sequence[str], num_processes: int = 2) -> float:
-        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA); 0 would crash it
+        # the planner calls torch.set_num_threads(nnUNet_n_proc_DA); 0 would crash it. -npfp: the fingerprint's
+        # own process count (nnU-Net's default is 8 spawned workers, each importing torch: ~30 s on 2 cores)
         return self.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations,
-                         "-np", str(num_processes)], f"plan_{dataset_id}",
+                         "-np", str(num_processes), "-npfp", str(num_processes)], f"plan_{dataset_id}",
                         env_overrides={"nnUNet_n_proc_DA": str(max(1, int(self.env["nnUNet_n_proc_DA"])))})
 
     def train(self, dataset_id: int, configuration: str, trainer: str, fold="0", device: Optional[str] = None,

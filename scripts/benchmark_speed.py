@@ -57,8 +57,9 @@ CT_LIKE_SHAPE = (200, 256, 256)   # z, y, x voxels at 1 mm
 # ---------------------------------------------------------------------------------- datasets
 def _plan(dataset_id: int, configurations) -> None:
     env = dict(os.environ, nnUNet_n_proc_DA="1")   # nnU-Net's planner crashes with 0
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     subprocess.run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations,
-                    "-np", str(max(1, min(8, (os.cpu_count() or 2) - 1)))], env=env, check=True,
+                    "-np", str(workers), "-npfp", str(workers)], env=env, check=True,
                    stdout=subprocess.DEVNULL)
 
 

@@ -110,7 +110,10 @@ def plan_and_preprocess(dataset_id: int, configurations=("3d_fullres",), env: di
     env = dict(env or os.environ)
     # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA): 0 would crash it
     env["nnUNet_n_proc_DA"] = "1"
-    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2"], env=env)
+    # one worker each for the fingerprint (-npfp: nnU-Net's default is 8) and preprocessing: on these tiny
+    # datasets a spawned worker's start-up costs more than the work it would share
+    run(["nnUNetv2_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "1", "-npfp", "1"],
+        env=env)
 
 
 def resume_after_epoch_0(fold: str, train_cmd: list[str], env: dict) -> dict:

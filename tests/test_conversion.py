@@ -1087,7 +1087,7 @@ def test_mr_merged_dataset_plans_trains_cowam_and_predicts_with_the_stock_cli(mr
     exe = shutil.which("nnUNetv2_plan_and_preprocess")
     cmd = [exe] if exe else [sys.executable, "-c", "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints "
                                                     "import plan_and_preprocess_entry; plan_and_preprocess_entry()"]
-    p = subprocess.run(cmd + ["-d", "610", "-c", "3d_fullres", "-np", "1"],
+    p = subprocess.run(cmd + ["-d", "610", "-c", "3d_fullres", "-np", "1", "-npfp", "1"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     pre = base / "pre" / "Dataset610_MRAbdomen"
