@@ -23,7 +23,8 @@ def run(cmd: list[str], env: dict | None = None, timeout: int = 900,
     command, without the import of torch and nnU-Net per call (about 8 s on the 2-core machine, and
     as much again in each worker nnU-Net spawns, since a spawned worker re-imports its parent's main
     script). ``fresh_process=True`` runs it as a new process instead, as a user does: the tests of
-    the stock CLI path keep that.
+    the stock CLI path keep that. ``timeout`` bounds a new process only; in-process commands run
+    under the test's pytest-timeout.
     """
     entry = None if fresh_process else _entry_point(cmd)
     if entry is None:
@@ -69,9 +70,11 @@ def _run_in_process(cmd: list[str], function, argv: list[str], env: dict) -> sub
             result = function()
             returncode = result if isinstance(result, int) else 0
         except SystemExit as e:
-            returncode = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
+            if e.code is None or isinstance(e.code, int):
+                returncode = e.code or 0
+            else:   # sys.exit("message"): Python prints it and exits with 1
                 print(e.code, file=sys.stderr)
+                returncode = 1
         except Exception:
             traceback.print_exc()
             returncode = 1
