@@ -63,6 +63,12 @@ ANATOMIES = {
     # pancreas a few voxels thick.
     "small": _variant(_ORGAN_TEMPLATE, {2: {"radii": (0.09, 0.045, 0.04)}, 3: {"radii": (0.09, 0.045, 0.04)},
                                         4: {"radii": (0.06, 0.03, 0.10)}}),
+    # Tiny but visible structures: kidneys about 3 voxels across, and a pancreas 2-4 voxels thick with a bright
+    # (vessel-like, contrast-enhanced) intensity, all below the stride of nnU-Net's coarsest deep-supervision head
+    # (8 voxels in-plane), so nearest-interpolated targets drop them while a network can still see them. In "small"
+    # the thin pancreas had the contrast of fat/muscle and was found late or never, even by the oracle.
+    "tiny": _variant(_ORGAN_TEMPLATE, {2: {"radii": (0.06, 0.025, 0.025)}, 3: {"radii": (0.06, 0.025, 0.025)},
+                                       4: {"radii": (0.05, 0.022, 0.10), "hu": 130.0}}),
 }
 
 
@@ -302,8 +308,15 @@ def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenar
 # name -> function returning a Scenario (keyword arguments change its sizes). Weak-label or
 # class-label scenarios plug in here as one function each, with a DatasetSpec writer that adds
 # their metadata.
+def tiny_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenario:
+    return Scenario("tiny-structures", f"tiny bright kidneys and pancreas; {cases_per_source} cases per source + "
+                                       f"{n_unlabelled} unlabelled",
+                    _partial_and_oracle("tiny", cases_per_source=cases_per_source, n_unlabelled=n_unlabelled),
+                    anatomy="tiny")
+
+
 SCENARIOS: dict = {"few-labels": few_labels, "hard-anatomy": hard_anatomy, "semi": semi,
-                   "small-structures": small_structures}
+                   "small-structures": small_structures, "tiny-structures": tiny_structures}
 
 
 # ---------------------------------------------------------------------- weak labels: label efficiency (issue 12)

@@ -94,6 +94,15 @@ class Run:
         return "oracle" if self.method == ORACLE else self.scenario.dataset_for(self.method)
 
 
+def run_identity(run: Run) -> tuple:
+    """What fixes a run's result: its dataset (writer and arguments), the test set's anatomy, and configuration,
+    schedule, seed and method. Scenarios share datasets (label-efficiency's three weak-label variants and semi
+    have the same labelled-only and oracle datasets), so a run done for one is valid for the others."""
+    spec = run.scenario.datasets[run.dataset_key]
+    return (spec.writer.__module__, spec.writer.__qualname__, json.dumps(dict(spec.kwargs), sort_keys=True),
+            run.scenario.anatomy, run.configuration, run.schedule, run.seed, run.method)
+
+
 def method_label(method: str, dataset_key: Optional[str]) -> str:
     if method == ORACLE:
         return "oracle (nnUNetTrainer, full labels)"
@@ -164,6 +173,18 @@ class ResultStore:
                              "do not apply; use another --workdir (or the stored settings)")
         stored.update(settings)
         stored["scenario_args"] = {**old_args, **scenario_args}
+
+    def identities(self) -> dict:
+        """:func:`run_identity` -> key, for every stored run whose scenario still exists."""
+        out = {}
+        for key, r in self.runs.items():
+            if r["scenario"] not in SCENARIOS or r.get("reused_from"):
+                continue
+            scenario = SCENARIOS[r["scenario"]](**self.data["settings"].get("scenario_args", {}).get(r["scenario"], {}))
+            run = Run(scenario, r["configuration"], r["schedule"], r["seed"], r["method"])
+            if run.dataset_key is not None:
+                out[run_identity(run)] = key
+        return out
 
     def add(self, key: str, record: dict) -> None:
         self.runs[key] = record
@@ -472,7 +493,8 @@ def main(argv=None) -> int:
     failures = []
     if not args.report_only:
         store.save()
-        todo = [r for r in runs if r.key not in store.runs]
+        done_before = store.identities()
+        todo = [r for r in runs if r.key not in store.runs and run_identity(r) not in done_before]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store.path}; device {args.device}, "
               f"augmentation workers {args.da_workers}", flush=True)
         t_start, done = time.time(), 0
@@ -480,6 +502,11 @@ def main(argv=None) -> int:
             head = f"[{i}/{len(runs)}] {run.scenario.name} {run.configuration} seed {run.seed} {run.trainer}"
             if run.key in store.runs:
                 print(f"{head}: reused from results.json", flush=True)
+                continue
+            same = store.identities().get(run_identity(run))
+            if same is not None:
+                store.add(run.key, {**store.runs[same], "scenario": run.scenario.name, "reused_from": same})
+                print(f"{head}: same dataset and settings as {same}, its result reused", flush=True)
                 continue
             print(f"{head}: running ({run.dataset_key} dataset)", flush=True)
             t0 = time.time()
@@ -492,7 +519,7 @@ def main(argv=None) -> int:
             store.add(run.key, record)
             done += 1
             elapsed = time.time() - t_start
-            left = sum(1 for r in runs[i:] if r.key not in store.runs)
+            left = sum(1 for r in runs[i:] if r in todo)
             print(f"{head}: mean Dice {record['mean_dice']:.3f}, train {record['train_seconds']:.0f} s, "
                   f"run {time.time() - t0:.0f} s; elapsed {_duration(elapsed)}, about "
                   f"{_duration(elapsed / done * left)} left ({left} runs)", flush=True)

@@ -76,7 +76,28 @@ def test_hard_and_small_anatomies_change_only_their_organs():
     assert (lab == 2).sum() < 0.3 * (default_lab == 2).sum()
     with pytest.raises(ValueError, match="unknown anatomy"):
         make_phantom(0, anatomy="nope")
-    assert set(ANATOMIES) >= {"default", "hard", "small"}
+    assert set(ANATOMIES) >= {"default", "hard", "small", "tiny"}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tiny_structures_are_below_the_coarsest_head_stride_and_visible(seed):
+    """2d at the default shape: nnU-Net's coarsest deep-supervision head has stride 8 in-plane. Every kidney
+    and the pancreas's thickness stay under it; the pancreas is brighter than everything around it."""
+    from scipy.ndimage import find_objects
+    from scipy.ndimage import label as components
+    default_img, default_lab = make_phantom(seed)
+    img, lab = make_phantom(seed, anatomy="tiny")
+    outside = (lab == 0) & (default_lab == 0)
+    assert np.array_equal(img[outside], default_img[outside])
+    kidneys, n = components(lab == 2)
+    assert n == 2
+    for box in find_objects(kidneys):
+        assert max(s.stop - s.start for s in box[1:]) <= 4                   # y, x extent in voxels
+    pancreas = lab == 4
+    assert pancreas.sum(axis=1).max() <= 4 and pancreas.any(axis=(0, 1)).sum() >= 8   # thin in y, long in x
+    near = (default_lab == 0) & (np.abs(np.indices(lab.shape)[1] - 32) < 12)
+    assert img[lab == 4].mean() > img[near].mean() + 60 and img[lab == 4].mean() > img[lab == 1].mean() + 40
+    assert SCENARIOS["tiny-structures"]().anatomy == "tiny"
 
 
 @pytest.mark.parametrize("name,kwargs", [("few-labels", {"cases_per_source": 2, "n_unlabelled": 1}),
@@ -179,6 +200,47 @@ def test_cli_helpers(tmp_path):
         again.check_settings({"shape": [16, 32, 32]}, {})
     with pytest.raises(SystemExit, match="semi arguments"):
         again.check_settings({}, {"semi": {"n_labelled": 3}})
+
+
+def _record(run, mean_dice: float) -> dict:
+    organs = ["liver", "kidney", "spleen", "pancreas"]
+    return {"scenario": run.scenario.name, "configuration": run.configuration, "schedule": run.schedule,
+            "seed": run.seed, "method": run.method, "label": suite.method_label(run.method, run.dataset_key),
+            "trainer": run.trainer, "supervised_baseline": run.scenario.supervised, "dice": dict.fromkeys(organs, mean_dice),
+            "hd95": dict.fromkeys(organs, 1.0), "mean_dice": mean_dice, "mean_hd95": 1.0, "train_seconds": 1.0}
+
+
+def test_runs_on_the_same_dataset_are_shared_between_scenarios(tmp_path, capsys):
+    """label-efficiency's weak-label variants and semi train supervised-only and the oracle on the same
+    datasets: those runs are done once; runs on the weak-label datasets are not shared."""
+    boxes, none, semi = (SCENARIOS[s]() for s in ("label-efficiency-boxes", "label-efficiency", "semi"))
+    run = lambda sc, method, seed=0: suite.Run(sc, "2d", "bench", seed, method)
+    for method in ("nnUNetTrainerPartial", suite.ORACLE):
+        assert suite.run_identity(run(boxes, method)) == suite.run_identity(run(none, method)) \
+            == suite.run_identity(run(semi, method))
+        assert suite.run_identity(run(boxes, method)) != suite.run_identity(run(boxes, method, seed=1))
+    assert suite.run_identity(run(boxes, "nnUNetTrainerMLDSMeanTaught")) != \
+        suite.run_identity(run(none, "nnUNetTrainerMLDSMeanTaught"))
+
+    workdir = tmp_path / "suite"
+    workdir.mkdir()
+    store = suite.ResultStore(str(workdir / "results.json"))
+    store.check_settings({"shape": list(suite.DEFAULT_SHAPE), "n_test": 6, "tta": False, "test_seed": suite.TEST_SEED},
+                         {"label-efficiency-boxes": {}})
+    for method, dice in (("nnUNetTrainerPartial", 0.5), (suite.ORACLE, 0.9)):
+        store.add(run(boxes, method).key, _record(run(boxes, method), dice))
+    argv = ["--workdir", str(workdir), "--scenarios", "label-efficiency", "semi", "--trainers", "nnUNetTrainerPartial",
+            "oracle", "--seeds", "0", "-c", "2d", "--device", "cpu"]
+    assert suite.main(argv) == 0        # nothing to train: every run is shared
+    out = capsys.readouterr().out
+    assert "4 runs, 4 already in" in out
+    assert "[1/4] label-efficiency 2d seed 0 nnUNetTrainerPartial_bench: same dataset and settings as " \
+           "label-efficiency-boxes/2d/bench/seed0/nnUNetTrainerPartial, its result reused" in out
+    runs = json.load(open(workdir / "results.json"))["runs"]
+    shared = runs["semi/2d/bench/seed0/oracle"]
+    assert shared["reused_from"] == "label-efficiency-boxes/2d/bench/seed0/oracle"
+    assert shared["scenario"] == "semi" and shared["mean_dice"] == 0.9
+    assert "headroom oracle - supervised (nnUNetTrainerPartial): +40.0 Dice points, ok" in out
 
 
 # ---------------------------------------------------------------------- end to end
