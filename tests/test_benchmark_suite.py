@@ -202,14 +202,6 @@ def test_cli_helpers(tmp_path):
         again.check_settings({}, {"semi": {"n_labelled": 3}})
 
 
-def _record(run, mean_dice: float) -> dict:
-    organs = ["liver", "kidney", "spleen", "pancreas"]
-    return {"scenario": run.scenario.name, "configuration": run.configuration, "schedule": run.schedule,
-            "seed": run.seed, "method": run.method, "label": suite.method_label(run.method, run.dataset_key),
-            "trainer": run.trainer, "supervised_baseline": run.scenario.supervised, "dice": dict.fromkeys(organs, mean_dice),
-            "hd95": dict.fromkeys(organs, 1.0), "mean_dice": mean_dice, "mean_hd95": 1.0, "train_seconds": 1.0}
-
-
 def test_runs_on_the_same_dataset_are_shared_between_scenarios(tmp_path, capsys):
     """label-efficiency's weak-label variants and semi train supervised-only and the oracle on the same
     datasets: those runs are done once; runs on the weak-label datasets are not shared."""
@@ -228,7 +220,7 @@ def test_runs_on_the_same_dataset_are_shared_between_scenarios(tmp_path, capsys)
     store.check_settings({"shape": list(suite.DEFAULT_SHAPE), "n_test": 6, "tta": False, "test_seed": suite.TEST_SEED},
                          {"label-efficiency-boxes": {}})
     for method, dice in (("nnUNetTrainerPartial", 0.5), (suite.ORACLE, 0.9)):
-        store.add(run(boxes, method).key, _record(run(boxes, method), dice))
+        store.add(run(boxes, method).key, _record(method, 0, (dice,) * 4, scenario="label-efficiency-boxes"))
     argv = ["--workdir", str(workdir), "--scenarios", "label-efficiency", "semi", "--trainers", "nnUNetTrainerPartial",
             "oracle", "--seeds", "0", "-c", "2d", "--device", "cpu"]
     assert suite.main(argv) == 0        # nothing to train: every run is shared
