@@ -389,7 +389,22 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
         else:
             verdict = "ok" if h["points"] >= HEADROOM_POINTS else f"LOW (< {HEADROOM_POINTS:g}: methods cannot be ranked here)"
             lines.append(f"headroom oracle - {name} ({h['method']}): {h['points']:+.1f} Dice points, {verdict}")
+    for method, share in gap_closed(methods).items():
+        lines.append(f"{methods[method]['label']} closes {100 * share:.0f} % of the oracle - supervised gap")
     return "\n".join(lines)
+
+
+def gap_closed(methods: dict) -> dict:
+    """method -> (its mean Dice - supervised) / (oracle - supervised), for every method but those two; empty
+    when either row is missing or the gap is not positive (nothing to close)."""
+    oracle, supervised = methods.get(ORACLE), methods.get(next(iter(methods.values()))["supervised_baseline"])
+    if oracle is None or supervised is None:
+        return {}
+    base, gap = supervised["mean_dice"][0], oracle["mean_dice"][0] - supervised["mean_dice"][0]
+    if not gap > 0:
+        return {}
+    return {m: (stats["mean_dice"][0] - base) / gap for m, stats in methods.items()
+            if stats is not oracle and stats is not supervised}
 
 
 def plot(summary: dict, path_for, organs=ORGANS) -> list:

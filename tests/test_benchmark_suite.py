@@ -173,11 +173,17 @@ def test_summary_headroom_and_lost_organs():
     assert "4/8" in text and "0.850±0.071" in text and "nnUNetTrainerX: not run here (why)" in text
     assert "oracle - supervised (nnUNetTrainerPartial): +8.0 Dice points, ok" in text
     assert "LOW" not in text
+    naive_mean = np.mean([np.mean([0.9, 0.05, 0.0, 0.0]), np.mean([0.8, 0.5, 0.2])])
+    assert suite.gap_closed(methods) == {"nnUNetTrainer": pytest.approx((naive_mean - 0.82) / 0.08)}
+    assert "nnUNetTrainer closes -564 % of the oracle - supervised gap" in text   # worse than supervised
     # a scenario without headroom says so
     close = [_record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.6)), _record("oracle", 0, (0.9, 0.9, 0.8, 0.62))]
     text = suite.format_group(("few-labels", "2d", "bench"), suite.summarise(close)[("few-labels", "2d", "bench")],
                               None, {})
     assert "+0.5 Dice points, LOW" in text and "oracle - naive (nnUNetTrainer): n/a" in text
+    # no gap, no share of it
+    below = close + [_record("nnUNetTrainerX", 0, (1.0, 1.0, 1.0, 1.0)), _record("oracle", 1, (0.5, 0.5, 0.5, 0.5))]
+    assert suite.gap_closed(suite.summarise(below)[("few-labels", "2d", "bench")]) == {}
 
 
 def test_cli_helpers(tmp_path):
