@@ -24,7 +24,8 @@ from nnunet_partial.losses.mlds import (MultiLabelDeepSupervisionLoss, bce_trust
 from nnunet_partial.trainers import get_trainer
 from nnunet_partial.trainers.common import unwrap
 from nnunet_partial.trainers.mlds import (MaxPooledOneHotDSTransform, PseudoHeadNetwork, nnUNetTrainerMLDS,
-                                          nnUNetTrainerMLDSMeanTaught, nnUNetTrainerMLDSSelfTaught)
+                                          nnUNetTrainerMLDSMeanTaught, nnUNetTrainerMLDSMeanTaughtNoPseudo,
+                                          nnUNetTrainerMLDSSelfTaught)
 
 SCALES_2D = [[1.0, 1.0], [0.5, 0.5], [0.25, 0.25], [0.125, 0.125]]
 SCALES_3D = [[1.0, 1.0, 1.0], [1.0, 0.5, 0.5], [0.5, 0.25, 0.25]]
@@ -276,6 +277,20 @@ def test_mean_taught_pseudo_labels_from_noisy_ema_teacher(mlds_dataset, tmp_path
     assert r.teacher.num_updates == 2 and r.global_step == 2
     sa, sb = unwrap(t.teacher.module).state_dict(), unwrap(r.teacher.module).state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_mean_taught_ablation_trains_no_pseudo_head(mlds_dataset):
+    """The benchmark ablation: mean-taught's batches and export, the pseudo-label loss computed and logged but
+    weighted 0, so the pseudo head gets no gradient while the clean heads do."""
+    t = _load(mlds_dataset, nnUNetTrainerMLDSMeanTaughtNoPseudo)
+    assert list(t.candidate_networks()) == ["teacher", "student"]
+    dl_train, _ = t.get_dataloaders()
+    t.global_step = t.pseudo_rampup_steps()
+    out = t.train_step(next(dl_train))
+    head = unwrap(t.network).decoder.seg_layers[-1]
+    assert out["mlds_pseudo_weight"] == 0 and out["mlds_pseudo_loss"] > 0
+    assert head.pseudo.weight.grad is not None and not head.pseudo.weight.grad.any()
+    assert head.clean.weight.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------- end to end (real CLIs)

@@ -12,7 +12,7 @@ from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
-                                         nnUNetTrainerMLDSSelfTaught)
+                                         nnUNetTrainerMLDSMeanTaughtNoPseudo, nnUNetTrainerMLDSSelfTaught)
 from nnunet_partial.trainers.mskd import nnUNetTrainerMSKD
 from nnunet_partial.trainers.multimix import (nnUNetTrainerMultiMix, nnUNetTrainerMultiMixNoBridge,
                                              nnUNetTrainerMultiMixNoPseudo)
@@ -37,10 +37,16 @@ CLASS_LABEL_TRAINERS = [
     nnUNetTrainerMultiMixNoPseudo,
 ]
 
+# Benchmark ablations: a base trainer with one part switched off by a class attribute (its train step is the
+# base's, covered there).
+ABLATION_TRAINERS = [
+    nnUNetTrainerMLDSMeanTaughtNoPseudo,
+]
+
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short
 # schedules too (the naive baseline at the same budget); its `_Nepochs` variants ship with nnU-Net.
-TRAINERS = {cls.__name__: cls for cls in BASE_TRAINERS + CLASS_LABEL_TRAINERS}
-for _base in [nnUNetTrainer] + BASE_TRAINERS + CLASS_LABEL_TRAINERS:
+TRAINERS = {cls.__name__: cls for cls in BASE_TRAINERS + CLASS_LABEL_TRAINERS + ABLATION_TRAINERS}
+for _base in [nnUNetTrainer] + BASE_TRAINERS + CLASS_LABEL_TRAINERS + ABLATION_TRAINERS:
     TRAINERS.update(_schedules.schedule_variants(_base, include_epoch_variants=_base is not nnUNetTrainer))
 for _name, _cls in TRAINERS.items():
     if _cls.__module__ == _schedules.__name__:

@@ -432,3 +432,11 @@ class nnUNetTrainerMLDSMeanTaught(nnUNetTrainerMLDSSelfTaught):
 
     def after_optimizer_step(self) -> None:
         self.teacher.update(self.network)
+
+
+class nnUNetTrainerMLDSMeanTaughtNoPseudo(nnUNetTrainerMLDSMeanTaught):
+    """Benchmark ablation: mean-taught with the pseudo-label loss off. Same two-stream batches (half of each
+    batch labelled cases) and the same EMA-teacher export, so a benchmark tells the pseudo labels' share of a
+    gain from the batches' (nnU-Net plans supervised-only training on a few cases with a much smaller batch)
+    and the weight averaging's."""
+    pseudo_weight = 0.0
