@@ -5,7 +5,8 @@ A *run* is one trainer on one scenario's dataset for one seed and one configurat
 nnU-Net's own ``nnUNetv2_train`` (seeded, see below), ``nnUNetv2_predict`` on the scenario's fully
 labelled test set (the same for every method and seed), scored per organ with
 ``nnunet_partial.evaluation`` (Dice, HD95). Scenarios are ``nnunet_partial.synthetic.SCENARIOS``
-(few-labels, hard-anatomy, semi, small-structures); the oracle row is stock ``nnUNetTrainer`` on the
+(few-labels, hard-anatomy, semi, small-structures, tiny-structures, label-efficiency[-image-labels|-boxes],
+multimix); the oracle row is stock ``nnUNetTrainer`` on the
 same images with every organ labelled, the naive row stock ``nnUNetTrainer`` on the partial data.
 
     # a GPU session: the full comparison
@@ -34,11 +35,15 @@ validation cases, the first case annotating each organ, also train): method diff
 from the labels, not from a held-out share.
 
 Results: ``<workdir>/results.json`` gets each run as soon as it finishes; a re-run skips every run
-already there (an interrupted suite resumes; an interrupted training continues with ``--c``). A
+already there (an interrupted suite resumes; an interrupted training continues with ``--c``), and a run
+whose dataset, test set, configuration, schedule, seed and method equal a finished run of another scenario
+takes that run's result (the label-efficiency variants and semi share their supervised-only and oracle
+runs). A
 progress line per run gives the elapsed time and an estimate of what is left. At the end: per
 scenario and configuration a table of mean +- sd over seeds per organ and overall (Dice, HD95), the
 lost-organ rate (runs x organs with Dice < 0.1), train seconds per run, the headroom (oracle - naive
-and oracle - supervised baseline, in Dice points; < 5 points means methods cannot be ranked there),
+and oracle - supervised baseline, in Dice points; < 5 points means methods cannot be ranked there), the
+share of the oracle - supervised gap each other method closes,
 written to ``<workdir>/report.txt``, and a bar chart per configuration
 (``<workdir>/benchmark_suite_<configuration>.png``).
 """
