@@ -181,6 +181,16 @@ def test_summary_headroom_and_lost_organs():
     text = suite.format_group(("few-labels", "2d", "bench"), suite.summarise(close)[("few-labels", "2d", "bench")],
                               None, {})
     assert "+0.5 Dice points, LOW" in text and "oracle - naive (nnUNetTrainer): n/a" in text
+    # a gap within the seeds' spread (an oracle that lost an organ in one seed) is no headroom: no shares then
+    noisy = [_record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.0)), _record("nnUNetTrainerPartial", 1, (0.9, 0.9, 0.8, 0.0)),
+             _record("oracle", 0, (0.95, 0.95, 0.95, 0.9)), _record("oracle", 1, (0.95, 0.95, 0.1, 0.0)),
+             _record("nnUNetTrainerX", 0, (0.9, 0.9, 0.9, 0.9)), _record("nnUNetTrainerX", 1, (0.9, 0.9, 0.9, 0.9))]
+    noisy_methods = suite.summarise(noisy)[("few-labels", "2d", "bench")]
+    h = suite.headroom(noisy_methods)["supervised"]
+    assert h["points"] == pytest.approx(100 * (np.mean([0.9375, 0.5]) - 0.65))          # 6.9 >= 5 points
+    assert h["spread"] == pytest.approx(100 * np.std([0.9375, 0.5], ddof=1))
+    text = suite.format_group(("few-labels", "2d", "bench"), noisy_methods, None, {})
+    assert "WITHIN THE SEEDS' SPREAD (sd up to 30.9 points: no clear headroom)" in text and "closes" not in text
     # no gap, no share of it
     below = close + [_record("nnUNetTrainerX", 0, (1.0, 1.0, 1.0, 1.0)), _record("oracle", 1, (0.5, 0.5, 0.5, 0.5))]
     assert suite.gap_closed(suite.summarise(below)[("few-labels", "2d", "bench")]) == {}
