@@ -305,9 +305,6 @@ def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenar
                     anatomy="small")
 
 
-# name -> function returning a Scenario (keyword arguments change its sizes). Weak-label or
-# class-label scenarios plug in here as one function each, with a DatasetSpec writer that adds
-# their metadata.
 def tiny_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenario:
     return Scenario("tiny-structures", f"tiny bright kidneys and pancreas; {cases_per_source} cases per source + "
                                        f"{n_unlabelled} unlabelled",
@@ -315,6 +312,9 @@ def tiny_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenari
                     anatomy="tiny")
 
 
+# name -> function returning a Scenario (keyword arguments change its sizes). Weak-label or
+# class-label scenarios plug in here as one function each, with a DatasetSpec writer that adds
+# their metadata.
 SCENARIOS: dict = {"few-labels": few_labels, "hard-anatomy": hard_anatomy, "semi": semi,
                    "small-structures": small_structures, "tiny-structures": tiny_structures}
 

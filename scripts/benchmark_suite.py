@@ -401,14 +401,14 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
         lines += [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows] + [""]
     for trainer, reason in skipped.items():
         lines.append(f"{trainer}: not run here ({reason})")
-    for name, h in headroom(methods).items():
+    gaps = headroom(methods)
+    for name, h in gaps.items():
         if h["points"] is None:
             lines.append(f"headroom oracle - {name} ({h['method']}): n/a (needs both rows)")
         else:
             lines.append(f"headroom oracle - {name} ({h['method']}): {h['points']:+.1f} Dice points, "
                          f"{headroom_verdict(h)}")
-    supervised = headroom(methods)["supervised"]
-    if supervised["points"] is not None and headroom_verdict(supervised) == "ok":
+    if gaps["supervised"]["points"] is not None and headroom_verdict(gaps["supervised"]) == "ok":
         for method, share in gap_closed(methods).items():
             lines.append(f"{methods[method]['label']} closes {100 * share:.0f} % of the oracle - supervised gap")
     return "\n".join(lines)
@@ -528,8 +528,8 @@ def main(argv=None) -> int:
     failures = []
     if not args.report_only:
         store.save()
-        done_before = store.identities()
-        todo = [r for r in runs if r.key not in store.runs and run_identity(r) not in done_before]
+        trained = store.identities()     # run identity -> key of the run that trained it; grows as runs finish
+        todo = [r for r in runs if r.key not in store.runs and run_identity(r) not in trained]
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store.path}; device {args.device}, "
               f"augmentation workers {args.da_workers}", flush=True)
         t_start, done = time.time(), 0
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
             if run.key in store.runs:
                 print(f"{head}: reused from results.json", flush=True)
                 continue
-            same = store.identities().get(run_identity(run))
+            same = trained.get(run_identity(run))
             if same is not None:
                 store.add(run.key, {**store.runs[same], "scenario": run.scenario.name, "reused_from": same})
                 print(f"{head}: same dataset and settings as {same}, its result reused", flush=True)
@@ -552,6 +552,7 @@ def main(argv=None) -> int:
                 print(f"{head}: FAILED {str(e).splitlines()[0]}", flush=True)
                 continue
             store.add(run.key, record)
+            trained[run_identity(run)] = run.key
             done += 1
             elapsed = time.time() - t_start
             left = sum(1 for r in runs[i:] if r in todo)
