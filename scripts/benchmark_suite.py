@@ -18,8 +18,10 @@ same images with every organ labelled, the naive row stock ``nnUNetTrainer`` on 
 
 Trainers are given by base name (``--trainers``); the schedule suffix is appended (``_bench`` etc.,
 see nnunet_partial/trainers/schedules.py), so any trainer with schedule variants plugs in by name.
-``oracle`` is the oracle row. A scenario may send a trainer to another of its datasets (semi:
-``nnUNetTrainerPartial`` = supervised-only on the labelled cases) or mark it not applicable.
+``oracle`` is the oracle row; ``TRAINER@oracle`` trains TRAINER on the oracle's fully labelled dataset, a
+second oracle row (the same recipe as our trainers, full labels; its headroom is reported beside the stock
+oracle's), and ``TRAINER@KEY`` any other dataset KEY of the scenario. A scenario may send a trainer to another of
+its datasets (semi: ``nnUNetTrainerPartial`` = supervised-only on the labelled cases) or mark it not applicable.
 
 Seeds: seed s writes the scenario's training data with synthetic seed s, and the training process
 seeds Python, NumPy and torch with s before nnU-Net starts (nnU-Net seeds nothing itself; CoWAM
@@ -74,6 +76,7 @@ HEADROOM_POINTS = 5.0    # oracle - baseline below this (Dice points): the scena
 FOLD = "0"
 DATASET_ID_BASE = 900    # each (scenario, seed) has its own nnU-Net folders, so ids repeat across them
 SEEDED_TRAIN = "_seeded-train"   # internal sub-command: nnUNetv2_train after seeding the process
+DATASET_SEP = "@"       # --trainers TRAINER@DATASET: a trainer on another of the scenario's datasets
 TEST_SEED = 10_000
 
 
@@ -84,7 +87,7 @@ class Run:
     configuration: str
     schedule: str
     seed: int
-    method: str              # trainer base name, or ORACLE
+    method: str              # trainer base name, ORACLE, or TRAINER@DATASET (e.g. nnUNetTrainerPartial@oracle)
 
     @property
     def key(self) -> str:
@@ -92,11 +95,30 @@ class Run:
 
     @property
     def trainer(self) -> str:
-        return f"{NAIVE if self.method == ORACLE else self.method}_{self.schedule}"
+        return f"{NAIVE if self.method == ORACLE else self.method.split(DATASET_SEP)[0]}_{self.schedule}"
 
     @property
     def dataset_key(self) -> Optional[str]:
-        return "oracle" if self.method == ORACLE else self.scenario.dataset_for(self.method)
+        return dataset_of(self.scenario, self.method)
+
+
+def dataset_of(scenario: Scenario, method: str) -> Optional[str]:
+    """The scenario dataset a method trains on: ORACLE and TRAINER@oracle on the fully labelled one, TRAINER@KEY on
+    dataset KEY, a plain trainer where the scenario sends it (None: not applicable there)."""
+    if method == ORACLE:
+        return "oracle"
+    trainer, _, key = method.partition(DATASET_SEP)
+    if not key:
+        return scenario.dataset_for(trainer)
+    if key not in scenario.datasets:
+        raise SystemExit(f"--trainers {method}: scenario {scenario.name} has no dataset {key!r} "
+                         f"(it has {', '.join(scenario.datasets)})")
+    return key
+
+
+def is_oracle(method: str) -> bool:
+    """A row trained on the fully labelled dataset: an upper bound for the headroom."""
+    return method == ORACLE or method.endswith(DATASET_SEP + "oracle")
 
 
 def run_identity(run: Run) -> tuple:
@@ -113,7 +135,10 @@ def method_label(method: str, dataset_key: Optional[str]) -> str:
         return "oracle (nnUNetTrainer, full labels)"
     if method == NAIVE:
         return "naive (nnUNetTrainer)"
-    return method if dataset_key in (None, "partial") else f"{method} [{dataset_key} cases]"
+    trainer = method.split(DATASET_SEP)[0]
+    if dataset_key == "oracle":
+        return f"oracle ({trainer}, full labels)"
+    return trainer if dataset_key in (None, "partial") else f"{trainer} [{dataset_key} cases]"
 
 
 def resolve_schedule(schedule: Optional[str], configuration: str, device: str) -> str:
@@ -350,11 +375,12 @@ def summarise(records, organs=ORGANS) -> dict:
     return out
 
 
-def headroom(methods: dict) -> dict:
+def headroom(methods: dict, oracle_method: str = ORACLE) -> dict:
     """Oracle minus naive and oracle minus the scenario's supervised baseline, in Dice points, and the larger
-    of the two rows' sd over seeds (``spread``, points; NaN with one seed): a gap within it is not headroom."""
+    of the two rows' sd over seeds (``spread``, points; NaN with one seed): a gap within it is not headroom.
+    ``oracle_method``: which fully labelled row is the oracle (stock nnU-Net by default)."""
     out = {}
-    oracle = methods.get(ORACLE)
+    oracle = methods.get(oracle_method)
     for name, method in (("naive", NAIVE), ("supervised", next(iter(methods.values()))["supervised_baseline"])):
         other = methods.get(method)
         gap = spread = None
@@ -401,30 +427,33 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
         lines += [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows] + [""]
     for trainer, reason in skipped.items():
         lines.append(f"{trainer}: not run here ({reason})")
-    gaps = headroom(methods)
-    for name, h in gaps.items():
-        if h["points"] is None:
-            lines.append(f"headroom oracle - {name} ({h['method']}): n/a (needs both rows)")
-        else:
-            lines.append(f"headroom oracle - {name} ({h['method']}): {h['points']:+.1f} Dice points, "
-                         f"{headroom_verdict(h)}")
-    if gaps["supervised"]["points"] is not None and headroom_verdict(gaps["supervised"]) == "ok":
-        for method, share in gap_closed(methods).items():
-            lines.append(f"{methods[method]['label']} closes {100 * share:.0f} % of the oracle - supervised gap")
+    for oracle in [m for m in methods if is_oracle(m)] or [ORACLE]:
+        name_of_oracle = "oracle" if oracle == ORACLE else oracle
+        gaps = headroom(methods, oracle)
+        for name, h in gaps.items():
+            if h["points"] is None:
+                lines.append(f"headroom {name_of_oracle} - {name} ({h['method']}): n/a (needs both rows)")
+            else:
+                lines.append(f"headroom {name_of_oracle} - {name} ({h['method']}): {h['points']:+.1f} Dice points, "
+                             f"{headroom_verdict(h)}")
+        if gaps["supervised"]["points"] is not None and headroom_verdict(gaps["supervised"]) == "ok":
+            for method, share in gap_closed(methods, oracle).items():
+                lines.append(f"{methods[method]['label']} closes {100 * share:.0f} % of the {name_of_oracle} - "
+                             "supervised gap")
     return "\n".join(lines)
 
 
-def gap_closed(methods: dict) -> dict:
-    """method -> (its mean Dice - supervised) / (oracle - supervised), for every method but those two; empty
-    when either row is missing or the gap is not positive (nothing to close)."""
-    oracle, supervised = methods.get(ORACLE), methods.get(next(iter(methods.values()))["supervised_baseline"])
+def gap_closed(methods: dict, oracle_method: str = ORACLE) -> dict:
+    """method -> (its mean Dice - supervised) / (oracle - supervised), for every method but the supervised and
+    oracle rows; empty when either row is missing or the gap is not positive (nothing to close)."""
+    oracle, supervised = methods.get(oracle_method), methods.get(next(iter(methods.values()))["supervised_baseline"])
     if oracle is None or supervised is None:
         return {}
     base, gap = supervised["mean_dice"][0], oracle["mean_dice"][0] - supervised["mean_dice"][0]
     if not gap > 0:
         return {}
     return {m: (stats["mean_dice"][0] - base) / gap for m, stats in methods.items()
-            if stats is not oracle and stats is not supervised}
+            if not is_oracle(m) and stats is not supervised}
 
 
 def plot(summary: dict, path_for, organs=ORGANS) -> list:
@@ -475,7 +504,9 @@ def parse_args(argv):
     p.add_argument("--scenario-arg", nargs="+", default=[], metavar="SCENARIO.ARG=VALUE",
                    help="keyword arguments of a scenario function, e.g. few-labels.cases_per_source=2")
     p.add_argument("--trainers", nargs="+", default=DEFAULT_TRAINERS,
-                   help=f"trainer base names (schedule suffix appended) and '{ORACLE}'; default: %(default)s")
+                   help=f"trainer base names (schedule suffix appended), '{ORACLE}', and TRAINER{DATASET_SEP}DATASET for a "
+                        f"trainer on another dataset of the scenario (TRAINER{DATASET_SEP}oracle: an oracle row with "
+                        "that trainer); default: %(default)s")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("-c", "--configuration", nargs="+", default=["2d", "3d_fullres"])
     p.add_argument("--schedule", default=None,
@@ -516,10 +547,9 @@ def main(argv=None) -> int:
         for configuration in args.configuration:
             schedule = resolve_schedule(args.schedule, configuration, args.device)
             group = (scenario.name, configuration, schedule)
-            skipped[group] = {t: scenario.not_applicable[t] for t in args.trainers if scenario.dataset_for(t) is None
-                              and t != ORACLE}
+            skipped[group] = {t: scenario.not_applicable[t] for t in args.trainers if dataset_of(scenario, t) is None}
             runs += [Run(scenario, configuration, schedule, seed, t) for seed in args.seeds for t in args.trainers
-                     if t == ORACLE or scenario.dataset_for(t) is not None]
+                     if dataset_of(scenario, t) is not None]
     missing = unknown_trainers(sorted({r.trainer for r in runs}))
     if missing:
         raise SystemExit(f"no trainer class named {', '.join(missing)} (nnunet_partial.trainers or nnU-Net); "

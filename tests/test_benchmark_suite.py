@@ -196,6 +196,38 @@ def test_summary_headroom_and_lost_organs():
     assert suite.gap_closed(suite.summarise(below)[("few-labels", "2d", "bench")]) == {}
 
 
+def test_a_trainer_on_the_oracle_dataset_is_a_second_oracle_row():
+    """TRAINER@oracle: our trainer on the fully labelled dataset, an upper bound beside stock nnU-Net's (which can
+    lose an organ at a short budget); TRAINER@KEY any dataset of the scenario, an unknown KEY a clear error."""
+    tiny = SCENARIOS["tiny-structures"]()
+    run = suite.Run(tiny, "2d", "bench", 1, "nnUNetTrainerPartial@oracle")
+    assert (run.trainer, run.dataset_key) == ("nnUNetTrainerPartial_bench", "oracle")
+    assert run.key == "tiny-structures/2d/bench/seed1/nnUNetTrainerPartial@oracle"
+    assert suite.run_identity(run) != suite.run_identity(suite.Run(tiny, "2d", "bench", 1, suite.ORACLE))
+    assert suite.method_label(run.method, run.dataset_key) == "oracle (nnUNetTrainerPartial, full labels)"
+    semi = SCENARIOS["semi"]()
+    assert suite.dataset_of(semi, "nnUNetTrainerMeanTeacher@labelled") == "labelled"
+    assert suite.dataset_of(semi, "nnUNetTrainerPartial") == "labelled"
+    with pytest.raises(SystemExit, match="semi has no dataset 'nope'"):
+        suite.dataset_of(semi, "nnUNetTrainerPartial@nope")
+    assert suite.is_oracle("oracle") and suite.is_oracle("nnUNetTrainerMLDS@oracle")
+    assert not suite.is_oracle("nnUNetTrainerMLDS") and not suite.is_oracle("nnUNetTrainerPartial@labelled")
+
+    records = [_record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.6)), _record("nnUNetTrainerPartial", 1, (0.9, 0.9, 0.8, 0.6)),
+               _record("oracle", 0, (0.9, 0.0, 0.8, 0.0)), _record("oracle", 1, (0.9, 0.0, 0.8, 0.1)),
+               _record("nnUNetTrainerPartial@oracle", 0, (0.95, 0.95, 0.9, 0.9)),
+               _record("nnUNetTrainerPartial@oracle", 1, (0.95, 0.95, 0.9, 0.9)),
+               _record("nnUNetTrainerX", 0, (0.95, 0.95, 0.9, 0.75)), _record("nnUNetTrainerX", 1, (0.95, 0.95, 0.9, 0.75))]
+    methods = suite.summarise(records)[("few-labels", "2d", "bench")]
+    assert suite.headroom(methods, "nnUNetTrainerPartial@oracle")["supervised"]["points"] == pytest.approx(12.5)
+    assert suite.gap_closed(methods, "nnUNetTrainerPartial@oracle") == {"nnUNetTrainerX": pytest.approx(0.0875 / 0.125)}
+    text = suite.format_group(("few-labels", "2d", "bench"), methods, None, {})
+    assert "headroom oracle - supervised (nnUNetTrainerPartial): -36.2 Dice points, LOW" in text
+    assert "headroom nnUNetTrainerPartial@oracle - supervised (nnUNetTrainerPartial): +12.5 Dice points, ok" in text
+    assert "nnUNetTrainerX closes 70 % of the nnUNetTrainerPartial@oracle - supervised gap" in text
+    assert "oracle - supervised gap" not in text.replace("@oracle - supervised gap", "")   # stock oracle: no shares
+
+
 def test_cli_helpers(tmp_path):
     assert suite.parse_scenario_args(["few-labels.cases_per_source=2", "semi.n_unlabelled=10"]) == \
         {"few-labels": {"cases_per_source": 2}, "semi": {"n_unlabelled": 10}}
