@@ -19,8 +19,8 @@ same images with every organ labelled, the naive row stock ``nnUNetTrainer`` on 
 Trainers are given by base name (``--trainers``); the schedule suffix is appended (``_bench`` etc.,
 see nnunet_partial/trainers/schedules.py), so any trainer with schedule variants plugs in by name.
 ``oracle`` is the oracle row; ``TRAINER@oracle`` trains TRAINER on the oracle's fully labelled dataset, a
-second oracle row (the same recipe as our trainers, full labels; its headroom is reported beside the stock
-oracle's), and ``TRAINER@KEY`` any other dataset KEY of the scenario. A scenario may send a trainer to another of
+second oracle row whose headroom is reported beside the stock oracle's (e.g. MLDS's loss on full labels; on
+full labels nnUNetTrainerPartial is stock nnU-Net), and ``TRAINER@KEY`` any other dataset KEY of the scenario. A scenario may send a trainer to another of
 its datasets (semi: ``nnUNetTrainerPartial`` = supervised-only on the labelled cases) or mark it not applicable.
 
 Seeds: seed s writes the scenario's training data with synthetic seed s, and the training process

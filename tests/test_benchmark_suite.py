@@ -197,8 +197,8 @@ def test_summary_headroom_and_lost_organs():
 
 
 def test_a_trainer_on_the_oracle_dataset_is_a_second_oracle_row():
-    """TRAINER@oracle: our trainer on the fully labelled dataset, an upper bound beside stock nnU-Net's (which can
-    lose an organ at a short budget); TRAINER@KEY any dataset of the scenario, an unknown KEY a clear error."""
+    """TRAINER@oracle: a trainer of ours on the fully labelled dataset, an upper bound beside stock nnU-Net's;
+    TRAINER@KEY any dataset of the scenario, an unknown KEY a clear error."""
     tiny = SCENARIOS["tiny-structures"]()
     run = suite.Run(tiny, "2d", "bench", 1, "nnUNetTrainerPartial@oracle")
     assert (run.trainer, run.dataset_key) == ("nnUNetTrainerPartial_bench", "oracle")

@@ -111,12 +111,10 @@ def test_annotation_aware_loader_puts_every_label_into_batches(partial_dataset):
 
 
 def test_stock_sampling_when_disabled_or_on_stock_data(partial_dataset):
-    from nnunet_partial.trainers import nnUNetTrainerPartial
+    from nnunet_partial.trainers import TRAINERS
 
-    class NoAwareSampling(nnUNetTrainerPartial):
-        annotation_aware_sampling = False
-
-    trainer = load_trainer(NoAwareSampling, partial_dataset.name)
+    # the benchmark's ablation (and its schedule variants) switches the sampler off
+    trainer = load_trainer(TRAINERS["nnUNetTrainerPartialStockSampling_bench"], partial_dataset.name)
     dl_train, _ = trainer.get_dataloaders()
     assert type(dl_train.data_loader).__name__ == "nnUNetDataLoader"
 

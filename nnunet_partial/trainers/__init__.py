@@ -6,7 +6,7 @@ the ``nnUNet_extTrainer`` module pick it up from there.
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.trainers import schedules as _schedules
-from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+from nnunet_partial.trainers.partial import nnUNetTrainerPartial, nnUNetTrainerPartialStockSampling
 from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
@@ -40,6 +40,7 @@ CLASS_LABEL_TRAINERS = [
 # Benchmark ablations: a base trainer with one part switched off by a class attribute (its train step is the
 # base's, covered there).
 ABLATION_TRAINERS = [
+    nnUNetTrainerPartialStockSampling,
     nnUNetTrainerMLDSMeanTaughtNoPseudo,
 ]
 

@@ -325,3 +325,9 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             f"-tr {self.__class__.__name__} -p {self.plans_manager.plans_name} [-f FOLDS] once all folds are "
             "trained (not nnUNetv2_find_best_configuration: it scores every label on cases not annotating it)",
             also_print_to_console=True)
+
+
+class nnUNetTrainerPartialStockSampling(nnUNetTrainerPartial):
+    """Benchmark ablation: the marginal loss with nnU-Net's own case sampling, so a benchmark tells what the
+    annotation-aware sampler adds (docs/lost_organs.md)."""
+    annotation_aware_sampling = False
