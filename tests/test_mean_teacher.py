@@ -175,6 +175,23 @@ def test_consistency_loss_trains_the_student(semi_dataset, batches):
     assert all(p.grad is None for p in t.teacher.module.parameters())
 
 
+def test_no_consistency_ablation_trains_from_labels_only_and_keeps_the_teacher(semi_dataset, batches):
+    """The benchmark ablation: Mean Teacher's batches and EMA export, the consistency computed and logged but
+    weighted 0 (also after the ramp-up), so an all-unlabelled batch gives the student no gradient."""
+    from nnunet_partial.trainers import TRAINERS
+    t = _load(semi_dataset, TRAINERS["nnUNetTrainerMeanTeacherNoConsistency_bench"])
+    assert list(t.candidate_networks())[0] == "teacher"
+    t.global_step = t.consistency_rampup_steps()
+    t.teacher.update(t.network)
+    with torch.no_grad():
+        for p in t.teacher.module.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = t.train_step(_concat(*[_sub_batch(b, [0]) for b in batches[:2]]))
+    assert out["consistency_weight"] == 0 and out["consistency_loss"] > 0 and out["loss"] == 0
+    assert all(p.grad is None or not p.grad.any() for p in t.network.parameters())
+    assert t.teacher.num_updates == 2
+
+
 def test_supervised_loss_uses_only_the_labelled_cases(semi_dataset, batches):
     t = _load(semi_dataset)
     batch = batches[0]

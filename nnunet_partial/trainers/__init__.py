@@ -9,7 +9,7 @@ from nnunet_partial.trainers import schedules as _schedules
 from nnunet_partial.trainers.partial import nnUNetTrainerPartial, nnUNetTrainerPartialStockSampling
 from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
-from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherNoConsistency
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
                                          nnUNetTrainerMLDSMeanTaughtNoPseudo, nnUNetTrainerMLDSSelfTaught)
@@ -41,6 +41,7 @@ CLASS_LABEL_TRAINERS = [
 # base's, covered there).
 ABLATION_TRAINERS = [
     nnUNetTrainerPartialStockSampling,
+    nnUNetTrainerMeanTeacherNoConsistency,
     nnUNetTrainerMLDSMeanTaughtNoPseudo,
 ]
 
