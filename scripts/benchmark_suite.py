@@ -20,8 +20,9 @@ Trainers are given by base name (``--trainers``); the schedule suffix is appende
 see nnunet_partial/trainers/schedules.py), so any trainer with schedule variants plugs in by name.
 ``oracle`` is the oracle row; ``TRAINER@oracle`` trains TRAINER on the oracle's fully labelled dataset, a
 second oracle row whose headroom is reported beside the stock oracle's (e.g. MLDS's loss on full labels; on
-full labels nnUNetTrainerPartial is stock nnU-Net), and ``TRAINER@KEY`` any other dataset KEY of the scenario. A scenario may send a trainer to another of
-its datasets (semi: ``nnUNetTrainerPartial`` = supervised-only on the labelled cases) or mark it not applicable.
+full labels nnUNetTrainerPartial is stock nnU-Net), and ``TRAINER@KEY`` any other dataset KEY of the scenario.
+A scenario may send a trainer to another of its datasets (semi: ``nnUNetTrainerPartial`` = supervised-only on the
+labelled cases) or mark it not applicable.
 
 Seeds: seed s writes the scenario's training data with synthetic seed s, and the training process
 seeds Python, NumPy and torch with s before nnU-Net starts (nnU-Net seeds nothing itself; CoWAM
@@ -95,11 +96,16 @@ class Run:
 
     @property
     def trainer(self) -> str:
-        return f"{NAIVE if self.method == ORACLE else self.method.split(DATASET_SEP)[0]}_{self.schedule}"
+        return f"{trainer_of(self.method)}_{self.schedule}"
 
     @property
     def dataset_key(self) -> Optional[str]:
         return dataset_of(self.scenario, self.method)
+
+
+def trainer_of(method: str) -> str:
+    """The trainer base name of a method: NAIVE for ORACLE, TRAINER for TRAINER@DATASET."""
+    return NAIVE if method == ORACLE else method.partition(DATASET_SEP)[0]
 
 
 def dataset_of(scenario: Scenario, method: str) -> Optional[str]:
@@ -107,9 +113,9 @@ def dataset_of(scenario: Scenario, method: str) -> Optional[str]:
     dataset KEY, a plain trainer where the scenario sends it (None: not applicable there)."""
     if method == ORACLE:
         return "oracle"
-    trainer, _, key = method.partition(DATASET_SEP)
+    key = method.partition(DATASET_SEP)[2]
     if not key:
-        return scenario.dataset_for(trainer)
+        return scenario.dataset_for(method)
     if key not in scenario.datasets:
         raise SystemExit(f"--trainers {method}: scenario {scenario.name} has no dataset {key!r} "
                          f"(it has {', '.join(scenario.datasets)})")
@@ -118,7 +124,7 @@ def dataset_of(scenario: Scenario, method: str) -> Optional[str]:
 
 def is_oracle(method: str) -> bool:
     """A row trained on the fully labelled dataset: an upper bound for the headroom."""
-    return method == ORACLE or method.endswith(DATASET_SEP + "oracle")
+    return method == ORACLE or method.partition(DATASET_SEP)[2] == "oracle"
 
 
 def run_identity(run: Run) -> tuple:
@@ -135,7 +141,7 @@ def method_label(method: str, dataset_key: Optional[str]) -> str:
         return "oracle (nnUNetTrainer, full labels)"
     if method == NAIVE:
         return "naive (nnUNetTrainer)"
-    trainer = method.split(DATASET_SEP)[0]
+    trainer = trainer_of(method)
     if dataset_key == "oracle":
         return f"oracle ({trainer}, full labels)"
     return trainer if dataset_key in (None, "partial") else f"{trainer} [{dataset_key} cases]"
