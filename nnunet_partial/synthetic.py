@@ -295,7 +295,8 @@ def semi(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
         {"partial": DatasetSpec({"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled}),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
-        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
+                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
 
 
 def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenario:
@@ -374,7 +375,8 @@ def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int 
         {"partial": DatasetSpec({**plan, "weak": weak}, writer=write_weak_label_dataset),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
-        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
+                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
 
 
 def _label_efficiency_boxes(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
@@ -403,7 +405,8 @@ def multimix(n_segmented: int = 2, n_other: int = 18, class_labelled_fraction: f
         {"partial": DatasetSpec({"sources": {}, "n_full": n_segmented, "n_unlabelled": n_other, **lesion}),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_segmented, "class_task": "lesion"}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n, "partial": False, "class_task": "lesion"})},
-        trainer_datasets={"nnUNetTrainerPartial": "labelled", "nnUNetTrainerPartialEMA": "labelled"})
+        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
+                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
 
 
 SCENARIOS["multimix"] = multimix

@@ -149,3 +149,17 @@ def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp
         img = sitk.ReadImage(os.path.join(images, f"{case}_0000.nii.gz"))
         assert seg.GetSize() == img.GetSize() and np.allclose(seg.GetSpacing(), img.GetSpacing())
         assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3, 4}
+
+
+def test_fixed_batch_ablation_trains_with_its_own_batch_size(make_dataset):
+    """The benchmark's batch ablation (nnUNetTrainerPartialBatch16, …EMABatch16) replaces the planned batch:
+    the training loader draws 16 cases, and a train step runs on them."""
+    from nnunet_partial.trainers import nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16
+
+    ds = make_dataset(532, name="SyntheticBatch", sources={}, n_full=5, partial=True, configurations=("2d",))
+    for cls in (nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16):
+        trainer = load_trainer(cls, ds.name, "2d")
+        assert trainer.configuration_manager.batch_size != 16 and trainer.batch_size == 16
+        batch = _first_batch(trainer)
+        assert batch["data"].shape[0] == 16 and len(batch["keys"]) == 16
+        assert np.isfinite(trainer.train_step(batch)["loss"])

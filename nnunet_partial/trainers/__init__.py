@@ -6,8 +6,9 @@ the ``nnUNet_extTrainer`` module pick it up from there.
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.trainers import schedules as _schedules
-from nnunet_partial.trainers.partial import nnUNetTrainerPartial, nnUNetTrainerPartialStockSampling
-from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA
+from nnunet_partial.trainers.partial import (nnUNetTrainerPartial, nnUNetTrainerPartialBatch16,
+                                             nnUNetTrainerPartialStockSampling)
+from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA, nnUNetTrainerPartialEMABatch16
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherNoConsistency
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
@@ -41,6 +42,8 @@ CLASS_LABEL_TRAINERS = [
 # base's, covered there).
 ABLATION_TRAINERS = [
     nnUNetTrainerPartialStockSampling,
+    nnUNetTrainerPartialBatch16,
+    nnUNetTrainerPartialEMABatch16,
     nnUNetTrainerMeanTeacherNoConsistency,
     nnUNetTrainerMLDSMeanTaughtNoPseudo,
 ]

@@ -327,6 +327,27 @@ class nnUNetTrainerPartial(nnUNetTrainer):
             also_print_to_console=True)
 
 
+class FixedBatchSize:
+    """Benchmark ablation mixin: ``fixed_batch_size`` cases per batch instead of the batch nnU-Net planned.
+
+    Two labelled cases plan a batch of 3 in 2d, while Mean Teacher on the same cases plus unlabelled ones
+    gets half of a planned 32 as labelled slices (docs/mean_teacher.md); this tells what the batch alone
+    is worth. Single process only (DDP splits nnU-Net's planned batch over its workers)."""
+    fixed_batch_size: int
+
+    def _set_batch_size_and_oversample(self):
+        super()._set_batch_size_and_oversample()
+        if self.is_ddp:
+            raise RuntimeError(f"{type(self).__name__} is a single-process benchmark ablation; run it without DDP")
+        self.batch_size = self.fixed_batch_size
+
+
+class nnUNetTrainerPartialBatch16(FixedBatchSize, nnUNetTrainerPartial):
+    """Benchmark ablation: nnUNetTrainerPartial with 16 cases per batch (Mean Teacher's labelled share of the
+    batch of 32 planned for the semi scenario's 20 cases)."""
+    fixed_batch_size = 16
+
+
 class nnUNetTrainerPartialStockSampling(nnUNetTrainerPartial):
     """Benchmark ablation: the marginal loss with nnU-Net's own case sampling, so a benchmark tells what the
     annotation-aware sampler adds (docs/lost_organs.md)."""

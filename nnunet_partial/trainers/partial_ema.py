@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunet_partial.trainers.candidates import CandidateExportMixin
 from nnunet_partial.trainers.common import EMATwin, WeightAveragingSchedule
-from nnunet_partial.trainers.partial import nnUNetTrainerPartial
+from nnunet_partial.trainers.partial import FixedBatchSize, nnUNetTrainerPartial
 
 
 class nnUNetTrainerPartialEMA(WeightAveragingSchedule, CandidateExportMixin, nnUNetTrainerPartial):
@@ -42,3 +42,8 @@ class nnUNetTrainerPartialEMA(WeightAveragingSchedule, CandidateExportMixin, nnU
         self.ema.update(self.network)
         self.global_step += 1
         return out
+
+
+class nnUNetTrainerPartialEMABatch16(FixedBatchSize, nnUNetTrainerPartialEMA):
+    """Benchmark ablation: nnUNetTrainerPartialEMA with 16 cases per batch (see nnUNetTrainerPartialBatch16)."""
+    fixed_batch_size = 16
