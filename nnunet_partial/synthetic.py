@@ -21,6 +21,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import gaussian_filter
 
+from nnunet_partial.annotations import PSEUDO_KEY
+
 ORGANS = ("liver", "kidney", "spleen", "pancreas")
 LABELS = {"background": 0, **{name: i + 1 for i, name in enumerate(ORGANS)}}
 SPACING_ZYX = (3.0, 1.5, 1.5)
@@ -155,7 +157,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           cases_per_source: int = 4, n_full: int = 0, n_unlabelled: int = 0,
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
                           partial: bool = True, anatomy: str = "default", class_task: Optional[str] = None,
-                          class_labelled_fraction: float = 0.0,
+                          class_labelled_fraction: float = 0.0, pseudo_labelled: bool = False,
                           edit_metadata: Optional[Callable[[dict], None]] = None) -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
@@ -173,6 +175,10 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     segmentations is set by the plan: e.g. ``sources={}, n_full=2, n_unlabelled=18,
     class_labelled_fraction=0.5`` = 10 % segmented (and class-labelled), 40 % class label only, 50 % nothing.
 
+    ``pseudo_labelled=True`` writes a pseudo-labelled dataset D̂ as ``nnunet-partial pseudolabel`` would from
+    perfect teachers: every label file holds every organ, ``annotated_labels`` stays the manual annotation and
+    ``pseudo_labels`` names the other organs of each case (nnUNetTrainerCoWAMPseudo trains on it).
+
     ``edit_metadata`` may change, in place, the dict of our dataset.json keys (``annotated_labels``, ...) before
     nnU-Net's ``generate_dataset_json`` writes them (e.g. to add weak labels); the folder is moved into place only
     afterwards (the converters' ``AtomicDataset``), so a finished dataset always holds its whole metadata.
@@ -188,7 +194,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
         os.makedirs(os.path.join(tmp, "labelsTr"))
         plan = [(src, tuple(organs)) for src, organs in sources.items() for _ in range(cases_per_source)]
         plan += [("full", ORGANS)] * n_full + [("unlabelled", ())] * n_unlabelled
-        annotated, counters, class_labels = {}, {}, {}
+        annotated, pseudo, counters, class_labels = {}, {}, {}, {}
         n_class_labelled = int(round(class_labelled_fraction * len(plan))) if class_task else 0
         for i, (src, organs) in enumerate(plan):
             counters[src] = counters.get(src, 0) + 1
@@ -197,12 +203,16 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
             image, label = make_phantom(seed * 100003 + i, shape, anatomy, lesion=has_lesion)
             if i < n_class_labelled:
                 class_labels[case] = LESION_CLASSES[int(has_lesion)]
-            if partial:
+            if partial and pseudo_labelled and len(organs) < len(ORGANS):
+                pseudo[case] = [o for o in ORGANS if o not in organs]
+            elif partial:
                 label = _keep_labels(label, [LABELS[o] for o in organs])
             write_nifti(image, os.path.join(tmp, "imagesTr", f"{case}_0000.nii.gz"))
             write_nifti(label, os.path.join(tmp, "labelsTr", f"{case}.nii.gz"))
             annotated[case] = list(organs)
         extra = {"annotated_labels": annotated} if partial else {}
+        if pseudo:
+            extra[PSEUDO_KEY] = pseudo
         if class_task:
             extra.update({"class_names": list(LESION_CLASSES), "class_labels": class_labels})
         if edit_metadata is not None:

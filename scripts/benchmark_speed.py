@@ -22,9 +22,13 @@ networks, nnU-Net's sliding-window prediction of one case with the exported netw
 
 Datasets: ``-d`` an id or name in ``nnUNet_preprocessed``; the synthetic partial set 501 (32x64x64
 phantoms, as in the tests) is made when asked for and missing. ``--make-synthetic KIND`` writes (when
-missing) and plans a synthetic partial set with unlabelled cases under the id ``-d``: ``small``
-(32x64x64 phantoms) or ``ct-like``, a realistic CT-like set (1 mm spacing, 200x256x256 voxels; on a
-GPU machine 3d_fullres then plans nnU-Net's usual ~128^3 patch), refused off CUDA unless ``--force``.
+missing) and plans a synthetic partial set with unlabelled cases and image-level classes under the id
+``-d``: ``small`` (32x64x64 phantoms) or ``ct-like``, a realistic CT-like set (1 mm spacing, 200x256x256
+voxels; on a GPU machine 3d_fullres then plans nnU-Net's usual ~128^3 patch), refused off CUDA unless
+``--force``. With it every trainer runs: its pseudo-labelled D̂ (id ``-d`` + 1, same images and plans) is
+written for nnUNetTrainerCoWAMPseudo, and MS-KD gets one untrained teacher per organ (ids ``-d`` + 2 ...,
+the student's plans; a teacher's forward costs the same trained or not), registered in the set's
+``teachers.json``.
 
     # the tables of issue 17, on a GPU machine
     python scripts/benchmark_speed.py --make-synthetic ct-like -d 640 -c 3d_fullres 2d --device cuda \\
@@ -48,6 +52,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 TOY_PATCH = {"3d": (32, 64, 64), "2d": (64, 64)}
 TOY_BATCH = {"3d": 2, "2d": 16}
@@ -89,27 +94,78 @@ def ensure_dataset(dataset: str, configurations) -> str:
     return name
 
 
-SYNTHETIC = {   # kind -> write_partial_dataset arguments (4 single-organ sources, fully labelled and unlabelled cases)
-    "small": dict(name="SyntheticSpeed", cases_per_source=2, n_full=1, n_unlabelled=3, seed=17),   # 32x64x64
+SYNTHETIC = {   # kind -> write_partial_dataset arguments: 4 single-organ sources, fully labelled and unlabelled
+    # cases, an image-level lesion class on half of the cases (nnUNetTrainerMultiMix)
+    "small": dict(name="SyntheticSpeed", cases_per_source=2, n_full=1, n_unlabelled=3, seed=17, class_task="lesion",
+                  class_labelled_fraction=0.5),   # 32x64x64
     "ct-like": dict(name="SyntheticCTLike", cases_per_source=1, n_full=1, n_unlabelled=3, shape=CT_LIKE_SHAPE,
-                    seed=17),
+                    seed=17, class_task="lesion", class_labelled_fraction=0.5),
 }
 
 
-def make_synthetic(kind: str, dataset_id: int, configurations) -> str:
-    """Write (when missing) and plan a synthetic partial dataset with unlabelled cases (Mean Teacher runs too):
-    ``small`` = the tests' 32x64x64 phantoms at 3 x 1.5 x 1.5 mm, ``ct-like`` = 200x256x256 at 1 mm."""
+class SyntheticSet(NamedTuple):
+    """A synthetic speed set and its companions, so that every trainer has what it trains on: ``pseudo`` = its
+    pseudo-labelled D̂ (id + 1; the same images, pseudo labels of perfect teachers) for nnUNetTrainerCoWAMPseudo,
+    ``teacher_ids`` = ids + 2 ... for MS-KD's single-organ teachers (untrained networks of the student's plans,
+    written per plans and configuration: a forward costs the same trained or not)."""
+    name: str
+    pseudo: str
+    teacher_ids: tuple
+
+
+def _write_synthetic(kind: str, dataset_id: int, **extra) -> None:
     from nnunetv2.paths import nnUNet_raw
     from nnunet_partial import synthetic
+    write_nifti = synthetic.write_nifti
+    if kind == "ct-like":   # write_partial_dataset writes its phantoms' 3 x 1.5 x 1.5 mm; CT-like is 1 mm
+        synthetic.write_nifti = lambda array, path: write_nifti(array, path, spacing_zyx=(1.0, 1.0, 1.0))
+    try:
+        synthetic.write_partial_dataset(nnUNet_raw, dataset_id, **{**SYNTHETIC[kind], **extra})
+    finally:
+        synthetic.write_nifti = write_nifti
+
+
+def make_synthetic(kind: str, dataset_id: int, configurations, plans: str = "nnUNetPlans") -> SyntheticSet:
+    """Write (when missing) and plan a synthetic partial dataset with unlabelled cases (Mean Teacher runs too)
+    and class labels (MultiMix): ``small`` = the tests' 32x64x64 phantoms at 3 x 1.5 x 1.5 mm, ``ct-like`` =
+    200x256x256 at 1 mm; and its D̂ under ``dataset_id + 1``, preprocessed with the same plans."""
+    from nnunet_partial.synthetic import ORGANS
+    from nnunet_partial.teachers import check_id_free, load_parent, preprocess_like_parent
     if _dataset_name(dataset_id) is None:
-        write_nifti = synthetic.write_nifti
-        if kind == "ct-like":   # write_partial_dataset writes its phantoms' 3 x 1.5 x 1.5 mm; CT-like is 1 mm
-            synthetic.write_nifti = lambda array, path: write_nifti(array, path, spacing_zyx=(1.0, 1.0, 1.0))
-        try:
-            synthetic.write_partial_dataset(nnUNet_raw, dataset_id, **SYNTHETIC[kind])
-        finally:
-            synthetic.write_nifti = write_nifti
-    return ensure_dataset(str(dataset_id), configurations)
+        _write_synthetic(kind, dataset_id)
+    name = ensure_dataset(str(dataset_id), configurations)
+    pseudo_id, pseudo = dataset_id + 1, f"Dataset{dataset_id + 1:03d}_{SYNTHETIC[kind]['name']}Pseudo"
+    if _dataset_name(pseudo_id) is None:
+        _write_synthetic(kind, pseudo_id, name=pseudo.split("_", 1)[1], pseudo_labelled=True)
+    elif _dataset_name(pseudo_id) != pseudo:
+        check_id_free(pseudo_id, pseudo)   # refuses, naming the dataset that holds the id
+    cases = [f[: -len(".nii.gz")] for f in os.listdir(os.path.join(_roots()[0], pseudo, "labelsTr"))]
+    workers = max(1, min(8, (os.cpu_count() or 2) - 1))
+    preprocess_like_parent(load_parent(name), pseudo_id, pseudo, cases, plans, configurations, workers,
+                           echo=lambda *a: None)
+    return SyntheticSet(name, pseudo, tuple(dataset_id + 2 + i for i in range(len(ORGANS))))
+
+
+def register_untrained_teachers(synthetic: SyntheticSet, plans: str, configuration: str) -> None:
+    """MS-KD's teachers for ``plans``/``configuration`` (untrained, see SyntheticSet) and the registry naming them."""
+    from nnunet_partial.annotations import TeacherRegistry, save_teacher_registry
+    from nnunet_partial.synthetic import LABELS, ORGANS
+    from nnunet_partial.teachers import write_untrained_teacher
+    raw, pre, results = _roots()
+    entries = {organ: write_untrained_teacher(raw, pre, results, synthetic.name, organ, LABELS[organ], dataset_id,
+                                              plans_name=plans, configuration=configuration, seed=i)
+               for i, (organ, dataset_id) in enumerate(zip(ORGANS, synthetic.teacher_ids))}
+    save_teacher_registry(TeacherRegistry(synthetic.name, entries), os.path.join(pre, synthetic.name))
+
+
+def _roots() -> tuple:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
+    return nnUNet_raw, nnUNet_preprocessed, nnUNet_results
+
+
+def needs_pseudo_labels(trainer_cls) -> bool:
+    from nnunet_partial.trainers import nnUNetTrainerCoWAMPseudo
+    return issubclass(trainer_cls, nnUNetTrainerCoWAMPseudo)
 
 
 def write_toy_plans(dataset_name: str, plans_identifier: str, configuration: str, patch, batch: int) -> str:
@@ -256,24 +312,30 @@ def run(args) -> dict:
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_partial.trainers import BASE_TRAINERS, get_trainer
+    from nnunet_partial.trainers import BASE_TRAINERS, get_trainer, nnUNetTrainerMultiMix
 
     device = torch.device(args.device)
-    trainers = [get_trainer(n) for n in args.trainers] if args.trainers else list(BASE_TRAINERS)
+    trainers = [get_trainer(n) for n in args.trainers] if args.trainers else BASE_TRAINERS + [nnUNetTrainerMultiMix]
     compile_settings = ["off"] if device.type != "cuda" else args.compile
     if args.make_synthetic == "ct-like" and device.type != "cuda" and not args.force:
         raise SystemExit("--make-synthetic ct-like: 200x256x256 volumes are for a GPU machine (--force to write "
                          "and plan them here anyway)")
+    synthetic = None
     if args.make_synthetic:
-        name = make_synthetic(args.make_synthetic, int(args.dataset), args.configurations)
+        synthetic = make_synthetic(args.make_synthetic, int(args.dataset), args.configurations, args.plans)
+        name = synthetic.name
     else:
         name = ensure_dataset(str(args.dataset), args.configurations)
     rows, n = [], args.warmup + args.steps
     for configuration in args.configurations:
         dim = "3d" if configuration.startswith("3d") else "2d"
         for size in args.sizes:
-            plans = args.plans if size == "planned" else write_toy_plans(
-                name, args.plans, configuration, args.toy_patch or TOY_PATCH[dim], args.toy_batch or TOY_BATCH[dim])
+            toy = (args.toy_patch or TOY_PATCH[dim], args.toy_batch or TOY_BATCH[dim])
+            plans = args.plans if size == "planned" else write_toy_plans(name, args.plans, configuration, *toy)
+            if synthetic:
+                if size == "toy":
+                    write_toy_plans(synthetic.pseudo, args.plans, configuration, *toy)
+                register_untrained_teachers(synthetic, plans, configuration)
             for compile_setting in compile_settings:
                 torch.manual_seed(0)
                 np.random.seed(0)
@@ -284,10 +346,11 @@ def run(args) -> dict:
                 common = {"dataset": name, "configuration": configuration, "size": size, "patch": patch,
                           "batch": stock.batch_size, "compile": compile_setting}
                 for cls in trainers:
-                    row = dict(common, trainer=cls.__name__)
+                    dataset = synthetic.pseudo if synthetic and needs_pseudo_labels(cls) else name
+                    row = dict(common, trainer=cls.__name__, dataset=dataset)
                     try:
                         with quiet(not args.verbose):
-                            trainer = build(cls, name, configuration, plans, args.device, compile_setting == "on")
+                            trainer = build(cls, dataset, configuration, plans, args.device, compile_setting == "on")
                             batches = draw_batches(trainer, n)
                     except Exception as e:   # a trainer this dataset cannot run: a row that says why
                         rows.append(dict(row, error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"))

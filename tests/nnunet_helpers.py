@@ -8,6 +8,7 @@ import sys
 from dataclasses import dataclass
 
 from nnunet_partial.experiment import load_trainer  # noqa: F401  (re-exported for the tests)
+from nnunet_partial.teachers import write_untrained_teacher  # noqa: F401  (re-exported for the tests)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_MR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "totalseg_mr")
@@ -146,44 +147,3 @@ def predict_one_test_case(folder: str, dataset_id: int, configuration: str, trai
     return sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(out, "test_000.nii.gz")))
 
 
-def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: str, label: str, value: int,
-                            dataset_id: int, plans_name: str = "nnUNetPlans", configuration: str = "2d",
-                            edit_plans=None, labels=None, channels=None, checkpoint: bool = True, seed: int = 0):
-    """A single-organ teacher of ``parent`` as ``nnunet-partial teachers`` + ``nnUNetv2_train`` leave it (results
-    folder with plans.json, dataset.json and a checkpoint), holding an untrained network of the parent's plans
-    ``plans_name`` (``edit_plans(configuration_dict)`` may change them). The registry entry."""
-    import copy
-    import json
-
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from nnunet_partial.annotations import TeacherEntry
-
-    name = f"Dataset{dataset_id}_{parent.split('_', 1)[1]}Teacher{label.title()}"
-    with open(os.path.join(preprocessed, parent, f"{plans_name}.json")) as f:
-        plans = copy.deepcopy(json.load(f))
-    plans["dataset_name"] = name
-    if edit_plans:
-        edit_plans(plans["configurations"][configuration])
-    with open(os.path.join(preprocessed, parent, "dataset.json")) as f:
-        parent_dj = json.load(f)
-    dj = {"channel_names": channels or parent_dj["channel_names"], "labels": labels or {"background": 0, label: 1},
-          "numTraining": 3, "file_ending": parent_dj["file_ending"]}
-    folder = os.path.join(results, name, f"nnUNetTrainer__{plans_name}__{configuration}")
-    # exist_ok: a module-scoped fixture imported by a second test module writes the same teacher again
-    os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
-    os.makedirs(os.path.join(raw, name), exist_ok=True)
-    for obj, file in ((plans, "plans.json"), (dj, "dataset.json")):
-        with open(os.path.join(folder, file), "w") as f:
-            json.dump(obj, f)
-    if checkpoint:
-        pm = PlansManager(plans)
-        torch.manual_seed(seed)
-        net = nnUNetTrainer.build_network_architecture(pm, pm.get_configuration(configuration),
-                                                       len(dj["channel_names"]), len(dj["labels"]),
-                                                       enable_deep_supervision=False)
-        torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                    "init_args": {"configuration": configuration}}, os.path.join(folder, "fold_0", "checkpoint_final.pth"))
-    return TeacherEntry(label, value, name, dataset_id, "nnUNetTrainer", plans_name, (configuration,), ("0",), 3)

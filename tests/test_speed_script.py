@@ -1,4 +1,5 @@
-"""scripts/benchmark_speed.py runs on CPU at a tiny size and writes its table and JSON (issue 17)."""
+"""scripts/benchmark_speed.py runs on CPU at a tiny size and writes its table and JSON (issue 17). Dataset ids 660-669
+here (the script's own synthetic set); 620-622 come from test_host_sync."""
 from __future__ import annotations
 
 import json
@@ -53,3 +54,29 @@ def test_a_trainer_the_dataset_cannot_run_gets_a_row_saying_why(sync_dataset, nn
     refused, timed = json.loads(out.read_text())["rows"]
     assert refused["trainer"] == "nnUNetTrainerMSKD" and "teacher" in refused["error"].lower(), refused
     assert timed["trainer"] == "nnUNetTrainerPartial" and "error" not in timed and timed["ratio"] > 0
+
+
+def test_the_synthetic_speed_set_lets_every_trainer_run(nnunet_env, tmp_path):
+    """--make-synthetic writes what the trainers beyond annotated_labels need: a D̂ for nnUNetTrainerCoWAMPseudo
+    (id + 1, same plans), registered untrained teachers of the timed plans for MS-KD, class labels for MultiMix.
+    A re-run reuses the datasets."""
+    from nnunet_partial.annotations import PSEUDO_KEY
+
+    trainers = ["nnUNetTrainerCoWAMPseudo", "nnUNetTrainerMSKD", "nnUNetTrainerMultiMix"]
+    out = tmp_path / "speed.json"
+    argv = [sys.executable, SCRIPT, "--make-synthetic", "small", "-d", "660", "-c", "2d", "--sizes", "toy",
+            "--toy-patch", "16", "16", "--toy-batch", "4", "--steps", "1", "--warmup", "1", "--threads", "1",
+            "--trainers", *trainers, "--json", str(out)]
+    for _ in range(2):
+        run(argv, env=nnunet_env, timeout=600)
+        rows = json.loads(out.read_text())["rows"]
+        assert [r["trainer"] for r in rows] == trainers and not [r for r in rows if "error" in r], rows
+    assert rows[0]["dataset"] == "Dataset661_SyntheticSpeedPseudo" and rows[1]["dataset"] == "Dataset660_SyntheticSpeed"
+    pre = nnunet_env["nnUNet_preprocessed"]
+    with open(os.path.join(pre, "Dataset661_SyntheticSpeedPseudo", "dataset.json")) as f:
+        assert "unlabelled_001" in json.load(f)[PSEUDO_KEY]
+    with open(os.path.join(pre, "Dataset660_SyntheticSpeed", TEACHER_REGISTRY_FILE)) as f:
+        registry = json.load(f)
+    assert sorted(e["dataset_id"] for e in registry["teachers"].values()) == [662, 663, 664, 665]
+    assert {e["plans"] for e in registry["teachers"].values()} == {"nnUNetPlansSpeedToy"}
+    assert len([d for d in os.listdir(nnunet_env["nnUNet_raw"]) if d.startswith("Dataset66")]) == 6
