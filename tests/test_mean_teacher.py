@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import shutil
 from collections import Counter
@@ -190,6 +191,18 @@ def test_no_consistency_ablation_trains_from_labels_only_and_keeps_the_teacher(s
     assert out["consistency_weight"] == 0 and out["consistency_loss"] > 0 and out["loss"] == 0
     assert all(p.grad is None or not p.grad.any() for p in t.network.parameters())
     assert t.teacher.num_updates == 2
+
+
+def test_strong_consistency_variant_reaches_its_weight_at_thirty_percent_of_the_run(semi_dataset):
+    """The benchmark variant: w(t) = 1 * exp(-5 (1 - t/T)^2) with T = 30 % of the optimiser steps, then 1."""
+    from nnunet_partial.trainers import TRAINERS
+    t = _load(semi_dataset, TRAINERS["nnUNetTrainerMeanTeacherStrongConsistency_bench"])
+    total = t.total_iterations()
+    assert t.consistency_rampup_steps() == round(0.3 * total)
+    for step, expected in ((0, math.exp(-5)), (t.consistency_rampup_steps() // 2, math.exp(-5 * 0.5 ** 2)),
+                           (t.consistency_rampup_steps(), 1.0), (total - 1, 1.0)):
+        t.global_step = step
+        assert t.current_consistency_weight() == pytest.approx(expected, rel=0.02), step
 
 
 def test_supervised_loss_uses_only_the_labelled_cases(semi_dataset, batches):

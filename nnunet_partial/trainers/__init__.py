@@ -10,7 +10,8 @@ from nnunet_partial.trainers.partial import (nnUNetTrainerPartial, nnUNetTrainer
                                              nnUNetTrainerPartialStockSampling)
 from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA, nnUNetTrainerPartialEMABatch16
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
-from nnunet_partial.trainers.mean_teacher import nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherNoConsistency
+from nnunet_partial.trainers.mean_teacher import (nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherNoConsistency,
+                                                  nnUNetTrainerMeanTeacherStrongConsistency)
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
                                          nnUNetTrainerMLDSMeanTaughtNoPseudo, nnUNetTrainerMLDSSelfTaught)
@@ -45,6 +46,7 @@ ABLATION_TRAINERS = [
     nnUNetTrainerPartialBatch16,
     nnUNetTrainerPartialEMABatch16,
     nnUNetTrainerMeanTeacherNoConsistency,
+    nnUNetTrainerMeanTeacherStrongConsistency,
     nnUNetTrainerMLDSMeanTaughtNoPseudo,
 ]
 

@@ -226,3 +226,11 @@ class nnUNetTrainerMeanTeacherNoConsistency(nnUNetTrainerMeanTeacher):
     a gain over supervised-only from the batches' (nnU-Net plans a much smaller batch for a few labelled cases)
     and the weight averaging's."""
     consistency_weight = 0.0
+
+
+class nnUNetTrainerMeanTeacherStrongConsistency(nnUNetTrainerMeanTeacher):
+    """Benchmark variant: the consistency ramped in over the first 30 % of the run (reference: the whole run) up to
+    w_max = 1 (reference 0.1). At a short budget the reference weight stays below 0.03 for half of training; this
+    row tells whether the unlabelled cases can add anything there once the consistency actually weighs."""
+    consistency_weight = 1.0
+    consistency_rampup_fraction = 0.3
