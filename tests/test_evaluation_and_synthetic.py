@@ -113,6 +113,24 @@ def test_partial_dataset_stores_only_annotated_organs(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
+def test_pseudo_labelled_dataset_keeps_manual_annotation_and_names_the_filled_organs(tmp_path):
+    """pseudo_labelled=True: a D̂ of perfect teachers — every label file holds every organ, annotated_labels is the
+    manual annotation, pseudo_labels the rest; the metadata module accepts it."""
+    import SimpleITK as sitk
+    folder = write_partial_dataset(str(tmp_path), 78, "P", cases_per_source=1, n_full=1, n_unlabelled=1,
+                                   shape=(12, 24, 24), pseudo_labelled=True)
+    dj = json.load(open(os.path.join(folder, "dataset.json")))
+    assert dj["annotated_labels"]["kidney_001"] == ["kidney"] and dj["annotated_labels"]["unlabelled_001"] == []
+    assert dj["pseudo_labels"]["kidney_001"] == ["liver", "spleen", "pancreas"]
+    assert dj["pseudo_labels"]["unlabelled_001"] == ["liver", "kidney", "spleen", "pancreas"]
+    assert "full_001" not in dj["pseudo_labels"]
+    for case in ("kidney_001", "unlabelled_001"):
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", f"{case}.nii.gz")))
+        assert set(np.unique(seg)) == set(LABELS.values())
+    annotations = PartialAnnotations.from_dataset_json(dj)
+    assert annotations.pseudo_names_of("kidney_001") == ["liver", "spleen", "pancreas"]
+
+
 def test_evaluate_command_writes_nnunet_summary_layout(tmp_path):
     """`nnunet-partial evaluate` writes nnU-Net's summary.json layout (readable by nnU-Net's loader) with
     partial-aware means and per-case `annotated` flags, beside its own evaluation.json."""
