@@ -5,7 +5,8 @@ boolean-mask index, ``torch.nonzero``, a blocking ``.to(device)`` of host data) 
 until the GPU has run everything queued before it: a fixed cost per step that no arithmetic
 explains. This CPU test catches them without a GPU: while ``train_step`` runs (and only then) the
 Python entry points of those operations are replaced by counting wrappers, and the counts of each
-trainer of ``BASE_TRAINERS`` (so a new trainer is covered the day it is added) are compared, kind by
+trainer of ``BASE_TRAINERS`` (so a new trainer is covered the day it is added) and of nnUNetTrainerMultiMix
+(class labels: ``CLASS_LABEL_TRAINERS``; its variants share its step) are compared, kind by
 kind, with stock ``nnUNetTrainer.train_step``'s on the same batch. Stock makes exactly one sync per
 step: ``loss.detach().cpu().numpy()`` for its log.
 
@@ -34,9 +35,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_helpers import REPO_ROOT, write_untrained_teacher
 from nnunet_partial.annotations import PSEUDO_KEY, TeacherRegistry, save_teacher_registry
-from nnunet_partial.trainers import BASE_TRAINERS
+from nnunet_partial.trainers import BASE_TRAINERS, nnUNetTrainerMultiMix
 
-# Trainers this test cannot set up, with the reason. Every other trainer of BASE_TRAINERS is run; one
+COVERED = BASE_TRAINERS + [nnUNetTrainerMultiMix]
+
+# Trainers this test cannot set up, with the reason. Every other trainer of COVERED is run; one
 # that fails to set up fails the test (add it here with the reason, or give the test what it needs).
 NOT_COVERED: dict = {}
 # Syncs beyond stock's allowed per trainer and kind, each with its justification; none so far.
@@ -204,11 +207,13 @@ def test_host_row_selection_equals_boolean_indexing_without_a_sync():
 @pytest.fixture(scope="module")
 def sync_dataset(make_dataset):
     """Dataset 620 (2d, 16x32x32): a liver and a spleen case, one fully labelled, two unlabelled (Mean
-    Teacher's batches); fold 0 trains on every case. ``pseudo_labels`` name the unlabelled cases' organs as
+    Teacher's batches); fold 0 trains on every case; image-level lesion classes on the first four cases (both
+    classes; MultiMix pseudo-labels the fifth). ``pseudo_labels`` name the unlabelled cases' organs as
     pseudo-labelled (their label files hold none), so nnUNetTrainerCoWAMPseudo runs on the same data; the
     other trainers read ``annotated_labels`` only."""
     ds = make_dataset(620, configurations=("2d",), name="HostSync", sources={"liver": ("liver",), "spleen": ("spleen",)},
-                      cases_per_source=1, n_full=1, n_unlabelled=2, shape=(16, 32, 32), seed=5)
+                      cases_per_source=1, n_full=1, n_unlabelled=2, shape=(16, 32, 32), seed=5,
+                      class_task="lesion", class_labelled_fraction=0.8)
     cases = sorted(f[: -len(".nii.gz")] for f in os.listdir(os.path.join(ds.raw, "labelsTr")))
     with open(os.path.join(ds.preprocessed, "splits_final.json"), "w") as f:
         json.dump([{"train": cases, "val": ["full_001", "liver_001"]}], f)
@@ -244,7 +249,7 @@ def stock(sync_dataset):
 
 @pytest.mark.parametrize("trainer_cls", [
     pytest.param(cls, id=cls.__name__, marks=pytest.mark.skipif(
-        cls.__name__ in NOT_COVERED, reason=NOT_COVERED.get(cls.__name__, ""))) for cls in BASE_TRAINERS])
+        cls.__name__ in NOT_COVERED, reason=NOT_COVERED.get(cls.__name__, ""))) for cls in COVERED])
 def test_train_step_syncs_no_more_than_stock(trainer_cls, sync_dataset, stock):
     stock_trainer, stock_batch = stock
     trainer = _ready(trainer_cls, sync_dataset)

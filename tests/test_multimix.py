@@ -25,8 +25,8 @@ from nnunet_partial.networks import MultiMixNetwork
 from nnunet_partial.synthetic import LESION_CLASSES, lesion_present, make_phantom, write_test_set
 from nnunet_partial.trainers import get_trainer
 from nnunet_partial.trainers.common import unwrap
-from nnunet_partial.trainers.multimix import (classification_metrics, default_strong_transforms, nnUNetTrainerMultiMix,
-                                              strong_view)
+from nnunet_partial.augmentation import default_strong_transforms, strong_view
+from nnunet_partial.trainers.multimix import classification_metrics, nnUNetTrainerMultiMix
 
 
 # ---------------------------------------------------------------------- metadata

@@ -35,6 +35,7 @@ from torch import nn
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_partial.annotations import ClassLabels, PartialLabelError
+from nnunet_partial.augmentation import default_strong_transforms, strong_view
 from nnunet_partial.losses.multimix import (pseudo_label_loss, segmentation_distribution_kl,
                                             supervised_classification_loss)
 from nnunet_partial.networks import MultiMixNetwork, multimix_module
@@ -77,45 +78,6 @@ def combine_patch_probabilities(patch_probabilities: Sequence[torch.Tensor]) -> 
     if not patch_probabilities:
         raise RuntimeError("no classification output was recorded: is the network a MultiMixNetwork?")
     return torch.cat([p.float() for p in patch_probabilities]).mean(0).numpy()
-
-
-# ---------------------------------------------------------------------- strong augmentation
-def default_strong_transforms() -> list:
-    """batchgeneratorsv2 intensity transforms for the strong view, stronger than nnU-Net's own (which the
-    weak view already went through). They act on one case ``(C, *spatial)`` on whatever device it is on.
-    From METHODS §5's list: contrast (covers autocontrast), brightness, gamma, sharpness, plus noise and blur;
-    identity is the empty pick. Equalise / posterize / solarize are left out: they destroy the quantitative
-    CT intensities (HU) and MR contrast that nnU-Net's normalisation keeps. Spatial ones (rotate, shear,
-    crop) are left out too: nnU-Net's weak pipeline already rotates and scales, and keeping the strong view
-    voxel-aligned keeps it the **same crop**."""
-    from batchgeneratorsv2.transforms.intensity.brightness import BrightnessAdditiveTransform
-    from batchgeneratorsv2.transforms.intensity.contrast import BGContrast, ContrastTransform
-    from batchgeneratorsv2.transforms.intensity.gamma import GammaTransform
-    from batchgeneratorsv2.transforms.intensity.gaussian_noise import GaussianNoiseTransform
-    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform
-    from batchgeneratorsv2.transforms.noise.sharpen import SharpeningTransform
-    return [
-        ContrastTransform(contrast_range=BGContrast((0.5, 1.8)), preserve_range=False, synchronize_channels=False),
-        BrightnessAdditiveTransform(mu=0.0, sigma=0.4, synchronize_channels=False),
-        GammaTransform(gamma=BGContrast((0.5, 2.0)), p_invert_image=0, synchronize_channels=False, p_per_channel=1,
-                       p_retain_stats=1),
-        GaussianNoiseTransform(noise_variance=(0.02, 0.15)),
-        GaussianBlurTransform(blur_sigma=(0.6, 1.5), synchronize_channels=True, synchronize_axes=False),
-        SharpeningTransform(strength=(0.3, 1.0)),
-    ]
-
-
-def strong_view(data: torch.Tensor, transforms: list, num_ops: tuple = (1, 3)) -> torch.Tensor:
-    """(B, C, *spatial) -> a strongly augmented copy of the same crops (same shape, same device): per case a
-    random number in ``[num_ops[0], num_ops[1]]`` of distinct random transforms (RandAugment-style)."""
-    out = []
-    for i in range(data.shape[0]):
-        image = data[i].clone()  # bgv2 transforms may work in place
-        k = np.random.randint(num_ops[0], num_ops[1] + 1)
-        for j in np.random.permutation(len(transforms))[:k]:
-            image = transforms[j](image=image)["image"]
-        out.append(image)
-    return torch.stack(out).to(data.dtype)
 
 
 # ---------------------------------------------------------------------- trainer
