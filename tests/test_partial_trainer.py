@@ -156,7 +156,7 @@ def test_fixed_batch_ablation_trains_with_its_own_batch_size(make_dataset):
     the training loader draws 16 cases, and a train step runs on them."""
     from nnunet_partial.trainers import nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16
 
-    ds = make_dataset(532, name="SyntheticBatch", sources={}, n_full=5, partial=True, configurations=("2d",))
+    ds = make_dataset(533, name="SyntheticBatch", sources={}, n_full=5, partial=True, configurations=("2d",))
     for cls in (nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16):
         trainer = load_trainer(cls, ds.name, "2d")
         assert trainer.configuration_manager.batch_size != 16 and trainer.batch_size == 16
