@@ -291,6 +291,39 @@ def _loss_cases():
         "RegionSoftLoss": (RegionSoftLoss(), (x, other, t)),
         "softmax_mse": (softmax_mse, (x, other)),
         "softmax_kl": (softmax_kl, (x, other)),
+        **_later_loss_cases(x, t, a, other, g),
+    }
+
+
+def _later_loss_cases(x, t, a, other, g):
+    """MS-KD's, MLDS's and MultiMix's loss terms (written after the audit), on the shapes their trainers pass."""
+    from nnunet_partial.losses.marginal import MarginalDCandCELoss
+    from nnunet_partial.losses.mlds import (MultiLabelDeepSupervisionLoss, masked_bce_with_logits, max_pool,
+                                            one_hot, pseudo_head_loss, pseudo_label_targets)
+    from nnunet_partial.losses.mskd import feature_loss, logit_losses
+    from nnunet_partial.losses.multimix import (pseudo_label_loss, segmentation_distribution_kl,
+                                                supervised_classification_loss)
+    teacher_probs = torch.softmax(torch.randn(2, 2, 2, 6, 6, 6, generator=g), 2)   # (K, B, 2, *S)
+    organ_masks = teacher_probs[:, :, 1] > teacher_probs[:, :, 0]                  # (K, B, *S)
+    features = torch.randn(2, 8, 3, 3, 3, generator=g, requires_grad=True)        # student (B, F, *s)
+    half = torch.randn(2, 4, 3, 3, 3, generator=g, requires_grad=True)            # a low-resolution head
+    pooled = max_pool(one_hot(t, 4), (2, 2, 2))
+    class_logits = torch.randn(4, 3, generator=g, requires_grad=True)
+    return {
+        "mskd.logit_losses": (lambda p, s: sum(logit_losses(p, s, [1, 2])), (teacher_probs, x)),
+        "mskd.feature_loss": (feature_loss, (torch.randn(2, 2, 8, 3, 3, 3, generator=g), features, organ_masks)),
+        "mlds.MultiLabelDeepSupervisionLoss": (MultiLabelDeepSupervisionLoss(MarginalDCandCELoss(), [1.0, 0.5], True),
+                                               ([x, half], [t, pooled], a)),
+        "mlds.masked_bce_with_logits": (masked_bce_with_logits, (half, pooled, pooled >= 0)),
+        "mlds.pseudo_label_targets": (lambda p, m, ann: pseudo_label_targets(p, m, ann, 0.5),
+                                      (torch.softmax(other, 1), t, a)),
+        "mlds.pseudo_head_loss": (pseudo_head_loss, (x, one_hot(t, 4), (2, 2, 2))),
+        "multimix.supervised_classification_loss": (supervised_classification_loss,
+                                                    (class_logits, torch.tensor([0, 2, -1, 1]))),
+        "multimix.pseudo_label_loss": (lambda s, w: pseudo_label_loss(s, w, torch.ones(4, dtype=torch.bool), 0.7)[0],
+                                       (class_logits, torch.randn(4, 3, generator=g))),
+        "multimix.segmentation_distribution_kl": (segmentation_distribution_kl,
+                                                  (x, torch.tensor([True, False]))),
     }
 
 
