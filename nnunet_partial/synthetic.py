@@ -271,6 +271,11 @@ class Scenario:
         return self.trainer_datasets.get(trainer, "partial")
 
 
+# in the scenarios with a "labelled" dataset (few fully labelled + many other cases): the supervised-only
+# baseline and its ablations (weight averaging, nnU-Net's batch replaced) train on the labelled cases alone
+SUPERVISED_ONLY_TRAINERS = ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA", "nnUNetTrainerPartialBatch16",
+                            "nnUNetTrainerPartialEMABatch16", "nnUNetTrainerPartialBatch16Foreground")
+
 # trainers that need unlabelled cases in the training split
 SEMI_SUPERVISED_TRAINERS = ("nnUNetTrainerMeanTeacher", "nnUNetTrainerMLDSSelfTaught", "nnUNetTrainerMLDSMeanTaught")
 
@@ -305,8 +310,7 @@ def semi(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
         {"partial": DatasetSpec({"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled}),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
-        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
-                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
+        trainer_datasets=dict.fromkeys(SUPERVISED_ONLY_TRAINERS, "labelled"))
 
 
 def small_structures(cases_per_source: int = 3, n_unlabelled: int = 6) -> Scenario:
@@ -385,8 +389,7 @@ def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int 
         {"partial": DatasetSpec({**plan, "weak": weak}, writer=write_weak_label_dataset),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
-        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
-                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
+        trainer_datasets=dict.fromkeys(SUPERVISED_ONLY_TRAINERS, "labelled"))
 
 
 def _label_efficiency_boxes(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
@@ -415,8 +418,7 @@ def multimix(n_segmented: int = 2, n_other: int = 18, class_labelled_fraction: f
         {"partial": DatasetSpec({"sources": {}, "n_full": n_segmented, "n_unlabelled": n_other, **lesion}),
          "labelled": DatasetSpec({"sources": {}, "n_full": n_segmented, "class_task": "lesion"}),
          "oracle": DatasetSpec({"sources": {}, "n_full": n, "partial": False, "class_task": "lesion"})},
-        trainer_datasets={t: "labelled" for t in ("nnUNetTrainerPartial", "nnUNetTrainerPartialEMA",
-                                                  "nnUNetTrainerPartialBatch16", "nnUNetTrainerPartialEMABatch16")})
+        trainer_datasets=dict.fromkeys(SUPERVISED_ONLY_TRAINERS, "labelled"))
 
 
 SCENARIOS["multimix"] = multimix

@@ -152,14 +152,19 @@ def test_train_resume_predict_through_stock_cli(partial_dataset, nnunet_env, tmp
 
 
 def test_fixed_batch_ablation_trains_with_its_own_batch_size(make_dataset):
-    """The benchmark's batch ablation (nnUNetTrainerPartialBatch16, …EMABatch16) replaces the planned batch:
-    the training loader draws 16 cases, and a train step runs on them."""
-    from nnunet_partial.trainers import nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16
+    """The benchmark's batch ablation (nnUNetTrainerPartialBatch16, …EMABatch16, …Batch16Foreground) replaces the
+    planned batch: the training loader draws 16 cases (5 or 11 of them forced to foreground), and a train step
+    runs on them."""
+    from nnunet_partial.trainers import (nnUNetTrainerPartialBatch16, nnUNetTrainerPartialBatch16Foreground,
+                                         nnUNetTrainerPartialEMABatch16)
 
     ds = make_dataset(533, name="SyntheticBatch", sources={}, n_full=5, partial=True, configurations=("2d",))
-    for cls in (nnUNetTrainerPartialBatch16, nnUNetTrainerPartialEMABatch16):
+    for cls, forced in ((nnUNetTrainerPartialBatch16, 5), (nnUNetTrainerPartialEMABatch16, 5),
+                        (nnUNetTrainerPartialBatch16Foreground, 11)):
         trainer = load_trainer(cls, ds.name, "2d")
         assert trainer.configuration_manager.batch_size != 16 and trainer.batch_size == 16
-        batch = _first_batch(trainer)
+        augmenter, _ = trainer.get_dataloaders()   # tests run without DA workers: a SingleThreadedAugmenter
+        assert sum(augmenter.data_loader.get_do_oversample(i) for i in range(16)) == forced, cls.__name__
+        batch = next(augmenter)
         assert batch["data"].shape[0] == 16 and len(batch["keys"]) == 16
         assert np.isfinite(trainer.train_step(batch)["loss"])

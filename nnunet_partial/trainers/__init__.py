@@ -7,7 +7,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_partial.trainers import schedules as _schedules
 from nnunet_partial.trainers.partial import (nnUNetTrainerPartial, nnUNetTrainerPartialBatch16,
-                                             nnUNetTrainerPartialStockSampling)
+                                             nnUNetTrainerPartialBatch16Foreground, nnUNetTrainerPartialStockSampling)
 from nnunet_partial.trainers.partial_ema import nnUNetTrainerPartialEMA, nnUNetTrainerPartialEMABatch16
 from nnunet_partial.trainers.cowam import nnUNetTrainerCoWAM
 from nnunet_partial.trainers.mean_teacher import (nnUNetTrainerMeanTeacher, nnUNetTrainerMeanTeacherNoConsistency,
@@ -44,6 +44,7 @@ CLASS_LABEL_TRAINERS = [
 ABLATION_TRAINERS = [
     nnUNetTrainerPartialStockSampling,
     nnUNetTrainerPartialBatch16,
+    nnUNetTrainerPartialBatch16Foreground,
     nnUNetTrainerPartialEMABatch16,
     nnUNetTrainerMeanTeacherNoConsistency,
     nnUNetTrainerMeanTeacherStrongConsistency,

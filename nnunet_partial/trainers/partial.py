@@ -22,6 +22,8 @@ from __future__ import annotations
 import os
 import sys
 
+from typing import Optional
+
 import numpy as np
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
@@ -332,20 +334,32 @@ class FixedBatchSize:
 
     Two labelled cases plan a batch of 3 in 2d, while Mean Teacher on the same cases plus unlabelled ones
     gets half of a planned 32 as labelled slices (docs/mean_teacher.md); this tells what the batch alone
-    is worth. Single process only (DDP splits nnU-Net's planned batch over its workers)."""
+    is worth. Single process only (DDP splits nnU-Net's planned batch over its workers).
+    ``fixed_oversample_foreground_percent`` (optional) replaces nnU-Net's 0.33 share of batch positions forced
+    to hold foreground."""
     fixed_batch_size: int
+    fixed_oversample_foreground_percent: Optional[float] = None
 
     def _set_batch_size_and_oversample(self):
         super()._set_batch_size_and_oversample()
         if self.is_ddp:
             raise RuntimeError(f"{type(self).__name__} is a single-process benchmark ablation; run it without DDP")
         self.batch_size = self.fixed_batch_size
+        if self.fixed_oversample_foreground_percent is not None:
+            self.oversample_foreground_percent = self.fixed_oversample_foreground_percent
 
 
 class nnUNetTrainerPartialBatch16(FixedBatchSize, nnUNetTrainerPartial):
     """Benchmark ablation: nnUNetTrainerPartial with 16 cases per batch (Mean Teacher's labelled share of the
     batch of 32 planned for the semi scenario's 20 cases)."""
     fixed_batch_size = 16
+
+
+class nnUNetTrainerPartialBatch16Foreground(nnUNetTrainerPartialBatch16):
+    """Benchmark ablation: nnUNetTrainerPartialBatch16 with 11 of its 16 positions forced to foreground — what
+    Mean Teacher's labelled half gets: nnU-Net forces the last 11 of a batch of 32, and Mean Teacher puts its
+    16 labelled cases last (nnunet_partial/dataloading.py). Plain Batch16 forces 5."""
+    fixed_oversample_foreground_percent = 11 / 16
 
 
 class nnUNetTrainerPartialStockSampling(nnUNetTrainerPartial):
