@@ -59,7 +59,8 @@ GEOMETRY_KEYS = ("spacing", "patch_size", "normalization_schemes", "use_mask_for
 GLOBAL_GEOMETRY_KEYS = ("transpose_forward", "foreground_intensity_properties_per_channel")
 
 
-def _roots() -> tuple[str, str, str]:
+def nnunet_roots() -> tuple[str, str, str]:
+    """(nnUNet_raw, nnUNet_preprocessed, nnUNet_results) as nnU-Net reads them now."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
     return str(nnUNet_raw), str(nnUNet_preprocessed), str(nnUNet_results)
 
@@ -116,7 +117,7 @@ def dataset_name_of(dataset) -> str:
 
 def load_parent(dataset) -> Parent:
     from nnunet_partial.annotations import raw_training_cases
-    raw_root, pre_root, _ = _roots()
+    raw_root, pre_root, _ = nnunet_roots()
     name = dataset_name_of(dataset)
     raw = os.path.join(raw_root, name)
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
@@ -191,7 +192,7 @@ def check_fold(splits: Sequence[Mapping], fold: str, what: str, fix: str) -> Non
 # ------------------------------------------------------------------------------------------ dataset ids
 def dataset_ids_in_use() -> set[int]:
     ids = set()
-    for root in _roots():
+    for root in nnunet_roots():
         if os.path.isdir(root):
             ids |= {int(d[7:10]) for d in os.listdir(root) if re.match(r"^Dataset\d{3}_", d)}
     return ids
@@ -209,7 +210,7 @@ def next_free_ids(after: int, n: int, taken: Iterable[int] = ()) -> list[int]:
 def check_id_free(dataset_id: int, name: str) -> None:
     """Refuse an id that another dataset holds in any nnU-Net folder (nnU-Net could not tell them apart)."""
     prefix = f"Dataset{int(dataset_id):03d}_"
-    for root in _roots():
+    for root in nnunet_roots():
         others = [d for d in (os.listdir(root) if os.path.isdir(root) else []) if d.startswith(prefix) and d != name]
         if others:
             raise PartialLabelError(f"dataset id {dataset_id} is taken by {os.path.join(root, others[0])}; choose "
@@ -223,7 +224,7 @@ def camel(label: str) -> str:
 
 def find_raw_datasets(key: str, match: Callable[[dict], bool]) -> list[str]:
     """Raw dataset folders whose dataset.json has ``key`` and satisfies ``match``."""
-    raw_root = _roots()[0]
+    raw_root = nnunet_roots()[0]
     out = []
     for d in sorted(os.listdir(raw_root)) if os.path.isdir(raw_root) else []:
         path = os.path.join(raw_root, d, "dataset.json")
@@ -319,7 +320,7 @@ def _generate_dataset_json(folder: str, parent: Parent, labels: Mapping[str, int
 # ------------------------------------------------------------------------------------------ preprocessing
 def preprocessed_cases(dataset_name: str, plans: str, configuration: str) -> set:
     """Case ids of one preprocessed configuration (empty when it is not preprocessed)."""
-    pre = _roots()[1]
+    pre = nnunet_roots()[1]
     plans_file = os.path.join(pre, dataset_name, f"{plans}.json")
     if not os.path.isfile(plans_file):
         return set()
@@ -347,13 +348,13 @@ def preprocess_like_parent(parent: Parent, dataset_id: int, dataset_name: str, c
         echo(f"  {dataset_name}: {', '.join(configurations)} already preprocessed with {parent.name}'s {plans}")
         return
     echo(f"  {dataset_name}: fingerprint, {parent.name}'s {plans} moved over, preprocessing {', '.join(todo)}")
-    fingerprint = os.path.join(_roots()[1], dataset_name, "dataset_fingerprint.json")
+    fingerprint = os.path.join(nnunet_roots()[1], dataset_name, "dataset_fingerprint.json")
     extract_fingerprint_dataset(dataset_id, num_processes=num_processes, clean=not os.path.isfile(fingerprint),
                                 verbose=False)
     move_plans_between_datasets(parent.dataset_id, dataset_id, plans, plans)
     # nnU-Net's planner copies dataset.json next to the plans, and the preprocessor reads it from there;
     # with moved plans the planner does not run
-    raw_root, pre_root, _ = _roots()
+    raw_root, pre_root, _ = nnunet_roots()
     shutil.copy(os.path.join(raw_root, dataset_name, "dataset.json"), os.path.join(pre_root, dataset_name, "dataset.json"))
     preprocess_dataset(dataset_id, plans, todo, [num_processes], verbose=False)
 
@@ -416,7 +417,7 @@ def write_teacher_dataset(parent: Parent, spec: TeacherSpec, num_processes: int 
     """The raw teacher dataset of ``spec`` (skipped when it exists for this parent and label)."""
     from dataset_conversion.common import run_cases
     from nnunet_partial.annotations import check_teacher_of
-    raw_root = _roots()[0]
+    raw_root = nnunet_roots()[0]
     name = spec.name(parent)
     final = os.path.join(raw_root, name)
     if os.path.isfile(os.path.join(final, "dataset.json")):
@@ -453,7 +454,7 @@ def write_teacher_dataset(parent: Parent, spec: TeacherSpec, num_processes: int 
 def write_teacher_splits(parent_split: Sequence[Mapping], spec: TeacherSpec, dataset_name: str) -> list[dict]:
     """The teacher's ``splits_final.json``: the parent's restricted to its cases. An existing different one is
     refused (the parent's split changed after the teacher was set up: its folds no longer match the student's)."""
-    path = os.path.join(_roots()[1], dataset_name, SPLITS_FILE)
+    path = os.path.join(nnunet_roots()[1], dataset_name, SPLITS_FILE)
     splits = restrict_splits(parent_split, spec.cases)
     if os.path.isfile(path) and _load_json(path) != splits:
         raise PartialLabelError(f"{path} differs from the parent's split restricted to the teacher's cases: the "
@@ -562,7 +563,7 @@ def teacher_runs(registry: TeacherRegistry, configurations: Sequence[str], folds
 
 
 def fold_folder(entry: TeacherEntry, configuration: str, fold: str, trainer: Optional[str] = None) -> str:
-    return os.path.join(entry.results_folder(_roots()[2], configuration, trainer), f"fold_{fold}")
+    return os.path.join(entry.results_folder(nnunet_roots()[2], configuration, trainer), f"fold_{fold}")
 
 
 def train_teachers(registry: TeacherRegistry, configurations: Sequence[str], folds: Sequence[str],
@@ -645,7 +646,7 @@ def check_teacher_model(entry: TeacherEntry, parent: Parent, configuration: str,
     """The teacher's trained model folder for ``configuration``/``fold``; one clear error for every way it
     cannot serve as a teacher of this parent (missing, untrained, other plans or geometry, other channels)."""
     trainer = trainer or entry.trainer
-    raw_root, pre_root, res_root = _roots()
+    raw_root, pre_root, res_root = nnunet_roots()
     what = f"teacher of '{entry.label}' ({entry.dataset})"
     if not os.path.isdir(os.path.join(raw_root, entry.dataset)) and not os.path.isdir(os.path.join(pre_root, entry.dataset)):
         raise FileNotFoundError(f"{what} is missing from nnUNet_raw and nnUNet_preprocessed: re-run nnunet-partial "
@@ -783,7 +784,7 @@ def write_pseudo_dataset(parent: Parent, work: str, dataset_id: int, name: str, 
     from dataset_conversion.common import run_cases
     check_id_free(dataset_id, f"Dataset{dataset_id:03d}_{name}")
     ending = parent.dataset_json["file_ending"]
-    with linked_dataset(_roots()[0], dataset_id, name) as (tmp, target):
+    with linked_dataset(nnunet_roots()[0], dataset_id, name) as (tmp, target):
         for sub in ("imagesTr", "labelsTr"):
             os.makedirs(os.path.join(tmp, sub))
         jobs = [{"case": c, "images": parent.cases[c]["images"], "label": os.path.join(work, "labels", c + ending),
@@ -905,7 +906,7 @@ def make_pseudo_labelled_dataset(dataset, configuration: str = "3d_fullres", fol
                            list(dict.fromkeys([configuration] + list(preprocess_configurations or []))),
                            num_processes, echo)
     # the student on D̂ must validate on the parent's folds: the ones its teachers were kept away from
-    _save_json(split, os.path.join(_roots()[1], d_name, SPLITS_FILE))
+    _save_json(split, os.path.join(nnunet_roots()[1], d_name, SPLITS_FILE))
     return PseudoResult(raw, d_id, d_name, quality, counts)
 
 

@@ -130,16 +130,17 @@ def make_synthetic(kind: str, dataset_id: int, configurations, plans: str = "nnU
     and class labels (MultiMix): ``small`` = the tests' 32x64x64 phantoms at 3 x 1.5 x 1.5 mm, ``ct-like`` =
     200x256x256 at 1 mm; and its D̂ under ``dataset_id + 1``, preprocessed with the same plans."""
     from nnunet_partial.synthetic import ORGANS
-    from nnunet_partial.teachers import check_id_free, load_parent, preprocess_like_parent
+    from nnunet_partial.teachers import check_id_free, load_parent, nnunet_roots, preprocess_like_parent
     if _dataset_name(dataset_id) is None:
         _write_synthetic(kind, dataset_id)
     name = ensure_dataset(str(dataset_id), configurations)
     pseudo_id, pseudo = dataset_id + 1, f"Dataset{dataset_id + 1:03d}_{SYNTHETIC[kind]['name']}Pseudo"
-    if _dataset_name(pseudo_id) is None:
+    existing = _dataset_name(pseudo_id)
+    if existing is None:
         _write_synthetic(kind, pseudo_id, name=pseudo.split("_", 1)[1], pseudo_labelled=True)
-    elif _dataset_name(pseudo_id) != pseudo:
+    elif existing != pseudo:
         check_id_free(pseudo_id, pseudo)   # refuses, naming the dataset that holds the id
-    cases = [f[: -len(".nii.gz")] for f in os.listdir(os.path.join(_roots()[0], pseudo, "labelsTr"))]
+    cases = [f[: -len(".nii.gz")] for f in os.listdir(os.path.join(nnunet_roots()[0], pseudo, "labelsTr"))]
     workers = max(1, min(8, (os.cpu_count() or 2) - 1))
     preprocess_like_parent(load_parent(name), pseudo_id, pseudo, cases, plans, configurations, workers,
                            echo=lambda *a: None)
@@ -150,17 +151,12 @@ def register_untrained_teachers(synthetic: SyntheticSet, plans: str, configurati
     """MS-KD's teachers for ``plans``/``configuration`` (untrained, see SyntheticSet) and the registry naming them."""
     from nnunet_partial.annotations import TeacherRegistry, save_teacher_registry
     from nnunet_partial.synthetic import LABELS, ORGANS
-    from nnunet_partial.teachers import write_untrained_teacher
-    raw, pre, results = _roots()
+    from nnunet_partial.teachers import nnunet_roots, write_untrained_teacher
+    raw, pre, results = nnunet_roots()
     entries = {organ: write_untrained_teacher(raw, pre, results, synthetic.name, organ, LABELS[organ], dataset_id,
                                               plans_name=plans, configuration=configuration, seed=i)
                for i, (organ, dataset_id) in enumerate(zip(ORGANS, synthetic.teacher_ids))}
     save_teacher_registry(TeacherRegistry(synthetic.name, entries), os.path.join(pre, synthetic.name))
-
-
-def _roots() -> tuple:
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
-    return nnUNet_raw, nnUNet_preprocessed, nnUNet_results
 
 
 def needs_pseudo_labels(trainer_cls) -> bool:
@@ -312,10 +308,10 @@ def run(args) -> dict:
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_partial.trainers import BASE_TRAINERS, get_trainer, nnUNetTrainerMultiMix
+    from nnunet_partial.trainers import DISTINCT_STEP_TRAINERS, get_trainer
 
     device = torch.device(args.device)
-    trainers = [get_trainer(n) for n in args.trainers] if args.trainers else BASE_TRAINERS + [nnUNetTrainerMultiMix]
+    trainers = [get_trainer(n) for n in args.trainers] if args.trainers else list(DISTINCT_STEP_TRAINERS)
     compile_settings = ["off"] if device.type != "cuda" else args.compile
     if args.make_synthetic == "ct-like" and device.type != "cuda" and not args.force:
         raise SystemExit("--make-synthetic ct-like: 200x256x256 volumes are for a GPU machine (--force to write "
@@ -419,7 +415,7 @@ def parse_args(argv=None):
     p.add_argument("-d", "--dataset", default="501", help="id or name (default 501, made if missing)")
     p.add_argument("-c", "--configurations", nargs="+", default=["3d_fullres"])
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="plans identifier (the toy size derives from it)")
-    p.add_argument("--trainers", nargs="+", help="trainer names (default: every trainer of BASE_TRAINERS)")
+    p.add_argument("--trainers", nargs="+", help="trainer names (default: DISTINCT_STEP_TRAINERS, one per train step)")
     p.add_argument("--sizes", nargs="+", choices=("planned", "toy"), default=["planned", "toy"])
     p.add_argument("--toy-patch", type=int, nargs="+", help="default 32 64 64 (3d) / 64 64 (2d)")
     p.add_argument("--toy-batch", type=int, help="default 2 (3d) / 16 (2d)")

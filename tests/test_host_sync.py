@@ -5,8 +5,8 @@ boolean-mask index, ``torch.nonzero``, a blocking ``.to(device)`` of host data) 
 until the GPU has run everything queued before it: a fixed cost per step that no arithmetic
 explains. This CPU test catches them without a GPU: while ``train_step`` runs (and only then) the
 Python entry points of those operations are replaced by counting wrappers, and the counts of each
-trainer of ``BASE_TRAINERS`` (so a new trainer is covered the day it is added) and of nnUNetTrainerMultiMix
-(class labels: ``CLASS_LABEL_TRAINERS``; its variants share its step) are compared, kind by
+trainer of ``DISTINCT_STEP_TRAINERS`` (``BASE_TRAINERS`` and nnUNetTrainerMultiMix, so a new trainer is covered
+the day it is added; variants share their base's step) are compared, kind by
 kind, with stock ``nnUNetTrainer.train_step``'s on the same batch. Stock makes exactly one sync per
 step: ``loss.detach().cpu().numpy()`` for its log.
 
@@ -35,11 +35,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_helpers import REPO_ROOT, write_untrained_teacher
 from nnunet_partial.annotations import PSEUDO_KEY, TeacherRegistry, save_teacher_registry
-from nnunet_partial.trainers import BASE_TRAINERS, nnUNetTrainerMultiMix
+from nnunet_partial.trainers import DISTINCT_STEP_TRAINERS
 
-COVERED = BASE_TRAINERS + [nnUNetTrainerMultiMix]
-
-# Trainers this test cannot set up, with the reason. Every other trainer of COVERED is run; one
+# Trainers this test cannot set up, with the reason. Every other trainer of DISTINCT_STEP_TRAINERS is run; one
 # that fails to set up fails the test (add it here with the reason, or give the test what it needs).
 NOT_COVERED: dict = {}
 # Syncs beyond stock's allowed per trainer and kind, each with its justification; none so far.
@@ -249,7 +247,7 @@ def stock(sync_dataset):
 
 @pytest.mark.parametrize("trainer_cls", [
     pytest.param(cls, id=cls.__name__, marks=pytest.mark.skipif(
-        cls.__name__ in NOT_COVERED, reason=NOT_COVERED.get(cls.__name__, ""))) for cls in COVERED])
+        cls.__name__ in NOT_COVERED, reason=NOT_COVERED.get(cls.__name__, ""))) for cls in DISTINCT_STEP_TRAINERS])
 def test_train_step_syncs_no_more_than_stock(trainer_cls, sync_dataset, stock):
     stock_trainer, stock_batch = stock
     trainer = _ready(trainer_cls, sync_dataset)

@@ -39,6 +39,10 @@ CLASS_LABEL_TRAINERS = [
     nnUNetTrainerMultiMixNoPseudo,
 ]
 
+# One trainer per distinct train step (variants and ablations share their base's): what the speed script times
+# and tests/test_host_sync.py counts by default.
+DISTINCT_STEP_TRAINERS = BASE_TRAINERS + [nnUNetTrainerMultiMix]
+
 # Benchmark ablations: a base trainer with one part switched off by a class attribute (its train step is the
 # base's, covered there).
 ABLATION_TRAINERS = [
