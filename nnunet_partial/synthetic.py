@@ -251,9 +251,10 @@ class Scenario:
     """One benchmark scenario: the datasets it trains on and how it is scored.
 
     ``datasets`` holds ``"partial"`` (what the methods train on) and ``"oracle"`` (the same images,
-    fully labelled; the oracle row is stock ``nnUNetTrainer`` on it), and any others. A trainer (base
-    name, no schedule suffix) trains on ``"partial"`` unless ``trainer_datasets`` names another key for
-    it; ``not_applicable`` maps trainers that cannot run here to the reason. The fully labelled test
+    fully labelled; the oracle row is stock ``nnUNetTrainer`` on it), and any others; ``PSEUDO_DATASET``
+    is derived from ``"partial"`` by the benchmark (teachers + pseudo labels), not written here. A trainer
+    (base name, no schedule suffix) trains on ``"partial"`` (``PSEUDO_LABEL_TRAINERS``: on D̂) unless
+    ``trainer_datasets`` names another key for it; ``not_applicable`` maps trainers that cannot run here to the reason. The fully labelled test
     set is drawn from ``anatomy``. Headroom = oracle minus naive, and oracle minus ``supervised``.
     """
     name: str
@@ -268,8 +269,15 @@ class Scenario:
         """Dataset key a trainer trains on here, None when it does not apply."""
         if trainer in self.not_applicable:
             return None
-        return self.trainer_datasets.get(trainer, "partial")
+        return self.trainer_datasets.get(trainer, PSEUDO_DATASET if trainer in PSEUDO_LABEL_TRAINERS else "partial")
 
+
+# A dataset every scenario derives from its "partial" one by CoWAM's stage 1 (nnunet-partial teachers, then
+# pseudolabel): D̂, the partial dataset with every unannotated organ filled by single-organ teachers.
+PSEUDO_DATASET = "pseudo"
+# trainers that train on D̂ (full CoWAM), and those that need the partial dataset's trained teachers (MS-KD)
+PSEUDO_LABEL_TRAINERS = ("nnUNetTrainerCoWAMPseudo",)
+TEACHER_TRAINERS = ("nnUNetTrainerMSKD", "nnUNetTrainerMSKDNoGroundTruth")
 
 # in the scenarios with a "labelled" dataset (few fully labelled + many other cases): the supervised-only
 # baseline and its ablations (weight averaging, nnU-Net's batch replaced) train on the labelled cases alone

@@ -24,6 +24,14 @@ full labels nnUNetTrainerPartial is stock nnU-Net), and ``TRAINER@KEY`` any othe
 A scenario may send a trainer to another of its datasets (semi: ``nnUNetTrainerPartial`` = supervised-only on the
 labelled cases) or mark it not applicable.
 
+Methods with a stage 1 run CoWAM's stage 1 on the scenario's partial dataset first, as a user does:
+``nnunet-partial teachers`` (at least 1 annotated case per organ here), one stock ``nnUNetTrainer`` teacher per
+organ trained at the run's configuration, schedule and seed, then, for methods on D̂, ``nnunet-partial
+pseudolabel``. ``nnUNetTrainerMSKD`` distils those teachers; ``nnUNetTrainerCoWAMPseudo`` (full CoWAM) trains on
+D̂, and ``TRAINER@pseudo`` puts any trainer there (``nnUNetTrainer@pseudo``: pseudo labels taken as truth). Stage 1
+is done once per scenario, seed, configuration and schedule; its wall time is reported beside the student's
+("+ teachers s"): a method's total cost is the sum.
+
 Seeds: seed s writes the scenario's training data with synthetic seed s, and the training process
 seeds Python, NumPy and torch with s before nnU-Net starts (nnU-Net seeds nothing itself; CoWAM
 initialises its two students from its own fixed ``student_seeds``, whatever s). NumPy's
@@ -64,9 +72,11 @@ from typing import Optional
 
 import numpy as np
 
+from nnunet_partial.annotations import PSEUDO_SOURCE_KEY, load_teacher_registry
 from nnunet_partial.evaluation import evaluate_folders, nanmean, save_results
 from nnunet_partial.experiment import Workspace, default_device
-from nnunet_partial.synthetic import DEFAULT_SHAPE, LABELS, ORGANS, SCENARIOS, Scenario, write_test_set
+from nnunet_partial.synthetic import (DEFAULT_SHAPE, LABELS, ORGANS, PSEUDO_DATASET, SCENARIOS, TEACHER_TRAINERS,
+                                      Scenario, write_test_set)
 
 ORACLE, NAIVE = "oracle", "nnUNetTrainer"
 DEFAULT_TRAINERS = [NAIVE, "nnUNetTrainerPartial", "nnUNetTrainerPartialEMA", "nnUNetTrainerCoWAM",
@@ -79,6 +89,7 @@ DATASET_ID_BASE = 900    # each (scenario, seed) has its own nnU-Net folders, so
 SEEDED_TRAIN = "_seeded-train"   # internal sub-command: nnUNetv2_train after seeding the process
 DATASET_SEP = "@"       # --trainers TRAINER@DATASET: a trainer on another of the scenario's datasets
 TEST_SEED = 10_000
+TEACHER_MIN_CASES = 1    # the scenarios annotate an organ on 2-4 cases; nnunet-partial teachers refuses < 5 by default
 
 
 # ---------------------------------------------------------------------- runs
@@ -116,9 +127,11 @@ def dataset_of(scenario: Scenario, method: str) -> Optional[str]:
     key = method.partition(DATASET_SEP)[2]
     if not key:
         return scenario.dataset_for(method)
+    if key == PSEUDO_DATASET and "partial" in scenario.datasets:
+        return key
     if key not in scenario.datasets:
         raise SystemExit(f"--trainers {method}: scenario {scenario.name} has no dataset {key!r} "
-                         f"(it has {', '.join(scenario.datasets)})")
+                         f"(it has {', '.join([*scenario.datasets, PSEUDO_DATASET])})")
     return key
 
 
@@ -131,9 +144,15 @@ def run_identity(run: Run) -> tuple:
     """What fixes a run's result: its dataset (writer and arguments), the test set's anatomy, and configuration,
     schedule, seed and method. Scenarios share datasets (label-efficiency's three weak-label variants and semi
     have the same labelled-only and oracle datasets), so a run done for one is valid for the others."""
-    spec = run.scenario.datasets[run.dataset_key]
+    # D̂ is made from the partial dataset by teachers trained at the run's configuration, schedule and seed
+    spec = run.scenario.datasets["partial" if run.dataset_key == PSEUDO_DATASET else run.dataset_key]
     return (spec.writer.__module__, spec.writer.__qualname__, json.dumps(dict(spec.kwargs), sort_keys=True),
             run.scenario.anatomy, run.configuration, run.schedule, run.seed, run.method)
+
+
+def uses_teachers(run: Run) -> bool:
+    """Runs that need CoWAM's stage 1 on the partial dataset: trained single-organ teachers (MS-KD), or D̂."""
+    return run.dataset_key == PSEUDO_DATASET or trainer_of(run.method) in TEACHER_TRAINERS
 
 
 def method_label(method: str, dataset_key: Optional[str]) -> str:
@@ -144,6 +163,8 @@ def method_label(method: str, dataset_key: Optional[str]) -> str:
     trainer = trainer_of(method)
     if dataset_key == "oracle":
         return f"oracle ({trainer}, full labels)"
+    if dataset_key == PSEUDO_DATASET:
+        return f"{trainer} [D̂: teachers' pseudo labels]"
     return trainer if dataset_key in (None, "partial") else f"{trainer} [{dataset_key} cases]"
 
 
@@ -288,24 +309,88 @@ def test_set(workdir: str, scenario: Scenario, n: int, shape) -> tuple[str, str]
     return os.path.join(folder, "imagesTs"), os.path.join(folder, "labelsTs")
 
 
+def _seeded_train_command(seed: int, dataset_id: int, configuration: str, trainer: str, device: str, out: str,
+                          extra=()) -> list:
+    """``nnUNetv2_train`` in a seeded process; ``--c`` when ``out`` (the fold folder) holds an interrupted run."""
+    resume = ["--c"] if os.path.isfile(os.path.join(out, "checkpoint_latest.pth")) else []
+    return [sys.executable, os.path.abspath(__file__), SEEDED_TRAIN, str(seed), str(dataset_id), configuration, FOLD,
+            "-tr", trainer, *extra, "-device", device, *resume]
+
+
+def pseudo_dataset_of(ws: Workspace, parent: str, configuration: str, teacher_trainer: str) -> tuple[int, str]:
+    """The D̂ that ``nnunet-partial pseudolabel`` made in this workspace from ``parent``'s teachers."""
+    for name in sorted(os.listdir(ws.raw)):
+        path = os.path.join(ws.raw, name, "dataset.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                source = json.load(f).get(PSEUDO_SOURCE_KEY, {})
+            if (source.get("parent"), source.get("configuration"), source.get("trainer")) == \
+                    (parent, configuration, teacher_trainer):
+                return int(name[len("Dataset"):len("Dataset") + 3]), name
+    raise RuntimeError(f"nnunet-partial pseudolabel made no D̂ of {parent} ({configuration}, {teacher_trainer}) "
+                       f"in {ws.raw}")
+
+
+def teacher_stage(ws: Workspace, scenario: Scenario, run: Run, args) -> dict:
+    """CoWAM's stage 1 on the scenario's partial dataset, as a user runs it: ``nnunet-partial teachers`` (one
+    binary dataset per organ with the parent's plans and split), each teacher trained by stock nnU-Net at the
+    run's configuration, schedule and seed, and, for runs on D̂, ``nnunet-partial pseudolabel``. Done once per
+    workspace (scenario, seed), configuration and schedule; later runs reuse it. Returns ``{"seconds": teacher
+    training (+ pseudo labelling) wall time, "dataset": (id, name) of D̂ or None}``."""
+    did, full = preprocess(ws, scenario, "partial", run.configuration)
+    teacher_trainer = f"{NAIVE}_{run.schedule}"
+    cli = [sys.executable, "-m", "nnunet_partial.cli"]
+    tag = f"{did}_{run.configuration}_{run.schedule}"
+    # run every time: it skips finished work, and names this schedule's trainer in the registry that MS-KD reads
+    ws.run(cli + ["teachers", str(did), "-c", run.configuration, "-tr", teacher_trainer,
+                  "--min-cases", str(TEACHER_MIN_CASES), "-np", "1"], f"teachers_{tag}")
+    registry = load_teacher_registry(os.path.join(ws.preprocessed, full))
+    timing_file = os.path.join(ws.root, f"stage1_seconds_{tag}.json")
+    timing = {}
+    if os.path.isfile(timing_file):
+        with open(timing_file) as f:
+            timing = json.load(f)
+    for entry in sorted(registry.teachers.values(), key=lambda e: e.label_value):
+        out = os.path.join(entry.results_folder(ws.results, run.configuration, teacher_trainer), f"fold_{FOLD}")
+        if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
+            cmd = _seeded_train_command(run.seed, entry.dataset_id, run.configuration, teacher_trainer, args.device,
+                                        out, ["-p", entry.plans])
+            timing[entry.label] = timing.get(entry.label, 0.0) + ws.run(cmd, f"teacher_{entry.dataset_id}_{tag}")
+            with open(timing_file, "w") as f:
+                json.dump(timing, f)
+    seconds = sum(timing.get(label, float("nan")) for label in registry.teachers)
+    if run.dataset_key != PSEUDO_DATASET:
+        return {"seconds": seconds, "dataset": None}
+    if "pseudolabel" not in timing:
+        timing["pseudolabel"] = ws.run(cli + ["pseudolabel", str(did), "-c", run.configuration, "-f", FOLD, "-tr",
+                                              teacher_trainer, "-device", args.device, "-np", "1",
+                                              *([] if args.tta else ["--disable-tta"])], f"pseudolabel_{tag}")
+        with open(timing_file, "w") as f:
+            json.dump(timing, f)
+    return {"seconds": seconds + timing["pseudolabel"],
+            "dataset": pseudo_dataset_of(ws, full, run.configuration, teacher_trainer)}
+
+
 # ---------------------------------------------------------------------- one run
 def execute(run: Run, args, workdir: str) -> dict:
     scenario = run.scenario
     ws = Workspace(os.path.join(workdir, "runs", scenario.name, f"seed{run.seed}"),
                    env={"nnUNet_n_proc_DA": str(args.da_workers)})
     write_datasets(ws, scenario, run.seed, tuple(args.shape))
-    did, full = preprocess(ws, scenario, run.dataset_key, run.configuration)
+    stage1 = teacher_stage(ws, scenario, run, args) if uses_teachers(run) else None
+    if run.dataset_key == PSEUDO_DATASET:
+        did, full = stage1["dataset"]
+    else:
+        did, full = preprocess(ws, scenario, run.dataset_key, run.configuration)
     images, labels = test_set(workdir, scenario, args.n_test, tuple(args.shape))
 
     out = os.path.join(ws.results, full, f"{run.trainer}__nnUNetPlans__{run.configuration}", f"fold_{FOLD}")
     timing = os.path.join(out, "suite_train_seconds.json")
     if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
-        resume = ["--c"] if os.path.isfile(os.path.join(out, "checkpoint_latest.pth")) else []
-        seconds = ws.run([sys.executable, os.path.abspath(__file__), SEEDED_TRAIN, str(run.seed), str(did),
-                          run.configuration, FOLD, "-tr", run.trainer, "-device", args.device, *resume],
-                         f"train_{did}_{run.trainer}_{run.configuration}")
+        cmd = _seeded_train_command(run.seed, did, run.configuration, run.trainer, args.device, out)
+        seconds = ws.run(cmd, f"train_{did}_{run.trainer}_{run.configuration}")
         with open(timing, "w") as f:
-            json.dump({"train_seconds": seconds, "resumed": bool(resume)}, f)
+            json.dump({"train_seconds": seconds, "resumed": "--c" in cmd}, f)
     with open(timing) as f:
         trained = json.load(f)
 
@@ -323,6 +408,8 @@ def execute(run: Run, args, workdir: str) -> dict:
         "hd95": {o: scores["mean"][o]["HD95"] for o in ORGANS},
         "mean_dice": scores["foreground_mean"]["Dice"], "mean_hd95": scores["foreground_mean"]["HD95"],
         "train_seconds": trained["train_seconds"], "train_resumed": trained["resumed"],
+        # stage 1 (teachers, pseudo labels) of the methods that need it: their total cost is train + this
+        "teacher_seconds": stage1["seconds"] if stage1 else None,
         "predict_seconds": predict_seconds, "n_test": len(scores["per_case"]), "evaluation": scores,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -377,6 +464,8 @@ def summarise(records, organs=ORGANS) -> dict:
                 "lost": sum(1 for v in dice.values() for d in v if d is None or not d >= LOST_DICE),
                 "of": len(runs) * len(organs),
                 "train_seconds": nanmean(r["train_seconds"] for r in runs if r["train_seconds"] is not None),
+                "teacher_seconds": nanmean(r.get("teacher_seconds") for r in runs
+                                           if r.get("teacher_seconds") is not None),
             }
     return out
 
@@ -418,14 +507,18 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
     seeds = sorted({s for m in methods.values() for s in m["seeds"]})
     title = f"{name} ({scenario.description})" if scenario else name
     lines = [f"== {title}; {configuration}, schedule {schedule}, seeds {' '.join(map(str, seeds))}"]
+    seconds = lambda t: "n/a" if not np.isfinite(t) else f"{t:.0f}"
+    with_teachers = any(np.isfinite(m.get("teacher_seconds", float("nan"))) for m in methods.values())
     for metric, digits, unit in (("dice", 3, "Dice"), ("hd95", 1, "HD95 [mm], over the organs found")):
-        cols = list(organs) + ["mean"] + (["lost", "train s", "runs"] if metric == "dice" else [])
+        cols = list(organs) + ["mean"] + (["lost", "train s"] + (["+ teachers s"] if with_teachers else []) + ["runs"]
+                                          if metric == "dice" else [])
         rows = []
         for m in methods.values():
             cells = [_cell(m[metric][o], digits) for o in organs] + [_cell(m[f"mean_{metric}"], digits)]
             if metric == "dice":
-                t = m["train_seconds"]
-                cells += [f"{m['lost']}/{m['of']}", "n/a" if not np.isfinite(t) else f"{t:.0f}", str(m["n"])]
+                cells += [f"{m['lost']}/{m['of']}", seconds(m["train_seconds"])]
+                cells += [seconds(m.get("teacher_seconds", float("nan")))] if with_teachers else []
+                cells += [str(m["n"])]
             rows.append([m["label"]] + cells)
         header = [f"{unit} (mean±sd over seeds)"] + cols
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

@@ -228,6 +228,36 @@ def test_a_trainer_on_the_oracle_dataset_is_a_second_oracle_row():
     assert "oracle - supervised gap" not in text.replace("@oracle - supervised gap", "")   # stock oracle: no shares
 
 
+def test_stage_one_methods_train_on_the_pseudo_labelled_dataset_or_use_the_teachers():
+    """Full CoWAM trains on D̂ (derived from the partial dataset, so its identity is the partial dataset's plus the
+    method), MS-KD on the partial dataset with its teachers; only those runs need stage 1, whose seconds get a
+    column of their own."""
+    few = SCENARIOS["few-labels"]()
+    full_cowam = suite.Run(few, "2d", "bench", 0, "nnUNetTrainerCoWAMPseudo")
+    pseudo_only = suite.Run(few, "2d", "bench", 0, "nnUNetTrainer@pseudo")
+    mskd = suite.Run(few, "2d", "bench", 0, "nnUNetTrainerMSKD")
+    partial = suite.Run(few, "2d", "bench", 0, "nnUNetTrainerPartial")
+    assert full_cowam.dataset_key == pseudo_only.dataset_key == "pseudo"
+    assert mskd.dataset_key == partial.dataset_key == "partial"
+    assert [suite.uses_teachers(r) for r in (full_cowam, pseudo_only, mskd, partial)] == [True, True, True, False]
+    assert suite.run_identity(pseudo_only)[:4] == suite.run_identity(partial)[:4]      # D̂ = the partial images
+    assert suite.run_identity(pseudo_only) != suite.run_identity(suite.Run(few, "2d", "bench", 0, "nnUNetTrainer"))
+    assert suite.method_label(pseudo_only.method, "pseudo") == "nnUNetTrainer [D̂: teachers' pseudo labels]"
+    with pytest.raises(SystemExit, match="it has partial, oracle, pseudo"):
+        suite.dataset_of(few, "nnUNetTrainer@nope")
+
+    records = [_record("nnUNetTrainerPartial", 0, (0.9, 0.9, 0.8, 0.6)),
+               {**_record("nnUNetTrainerMSKD", 0, (0.9, 0.9, 0.8, 0.7)), "teacher_seconds": 400.0}]
+    text = suite.format_group(("few-labels", "2d", "bench"), suite.summarise(records)[("few-labels", "2d", "bench")],
+                              None, {})
+    header, _, partial_row, mskd_row = text.splitlines()[1:5]
+    assert header.split()[-3:] == ["teachers", "s", "runs"] and "+ teachers s" in header
+    assert partial_row.split()[-3:] == ["100", "n/a", "1"] and mskd_row.split()[-3:] == ["100", "400", "1"]
+    without = suite.format_group(("few-labels", "2d", "bench"), suite.summarise(records[:1])[("few-labels", "2d", "bench")],
+                                 None, {})
+    assert "teachers" not in without
+
+
 def test_cli_helpers(tmp_path):
     assert suite.parse_scenario_args(["few-labels.cases_per_source=2", "semi.n_unlabelled=10"]) == \
         {"few-labels": {"cases_per_source": 2}, "semi": {"n_unlabelled": 10}}
@@ -334,3 +364,31 @@ def test_suite_end_to_end_tiny_and_resume(tmp_path):
     assert again[keys[0]] == partial
     assert again[keys[1]]["train_seconds"] == oracle["train_seconds"]      # the training was not redone
     assert again[keys[1]]["dice"] == oracle["dice"]                        # same checkpoint, same test set
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not os.environ.get("NNUNET_PARTIAL_SLOW"), reason="slow (about 5 min on 2 CPU cores: 4 teachers "
+                    "are trained): set NNUNET_PARTIAL_SLOW=1 to run the suite's stage 1")
+def test_suite_runs_stage_one_once_for_mskd_and_the_pseudo_labelled_dataset(tmp_path):
+    """MS-KD and a trainer on D̂ in one suite: the teachers are made and trained once (seeded, at the run's
+    schedule), D̂ is made from them, and both runs report the stage's seconds."""
+    env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
+    workdir = tmp_path / "suite"
+    proc, _ = _suite(workdir, ["nnUNetTrainerMSKD", "nnUNetTrainer@pseudo"], env)
+    assert "nnUNetTrainer_tiny: running (pseudo dataset)" in proc.stdout
+    runs = json.load(open(workdir / "results.json"))["runs"]
+    mskd, pseudo = runs["few-labels/2d/tiny/seed0/nnUNetTrainerMSKD"], runs["few-labels/2d/tiny/seed0/nnUNetTrainer@pseudo"]
+    assert mskd["dataset"] == "Dataset900_SuitePartial" and pseudo["dataset"].endswith("Pseudo")
+    assert 0 < mskd["teacher_seconds"] < pseudo["teacher_seconds"]       # + pseudo labelling
+    ws = workdir / "runs" / "few-labels" / "seed0"
+    registry = json.load(open(ws / "nnUNet_preprocessed" / "Dataset900_SuitePartial" / "teachers.json"))["teachers"]
+    assert sorted(registry) == ["kidney", "liver", "pancreas", "spleen"]
+    assert {t["trainer"] for t in registry.values()} == {"nnUNetTrainer_tiny"}
+    stage1 = json.load(open(ws / "stage1_seconds_900_2d_tiny.json"))
+    assert sorted(stage1) == ["kidney", "liver", "pancreas", "pseudolabel", "spleen"]
+    # trained once, before the MS-KD student; the run on D̂ reused them
+    student = ws / "nnUNet_results" / "Dataset900_SuitePartial" / "nnUNetTrainerMSKD_tiny__nnUNetPlans__2d" / "fold_0"
+    for t in registry.values():
+        teacher = ws / "nnUNet_results" / t["dataset"] / "nnUNetTrainer_tiny__nnUNetPlans__2d" / "fold_0"
+        assert (teacher / "checkpoint_final.pth").stat().st_mtime < (student / "checkpoint_final.pth").stat().st_mtime
+    assert "+ teachers s" in (workdir / "report.txt").read_text()

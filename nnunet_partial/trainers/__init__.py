@@ -15,7 +15,7 @@ from nnunet_partial.trainers.mean_teacher import (nnUNetTrainerMeanTeacher, nnUN
 from nnunet_partial.trainers.cowam_pseudo import nnUNetTrainerCoWAMPseudo
 from nnunet_partial.trainers.mlds import (nnUNetTrainerMLDS, nnUNetTrainerMLDSMeanTaught,
                                          nnUNetTrainerMLDSMeanTaughtNoPseudo, nnUNetTrainerMLDSSelfTaught)
-from nnunet_partial.trainers.mskd import nnUNetTrainerMSKD
+from nnunet_partial.trainers.mskd import nnUNetTrainerMSKD, nnUNetTrainerMSKDNoGroundTruth
 from nnunet_partial.trainers.multimix import (nnUNetTrainerMultiMix, nnUNetTrainerMultiMixNoBridge,
                                              nnUNetTrainerMultiMixNoPseudo)
 
@@ -53,6 +53,7 @@ ABLATION_TRAINERS = [
     nnUNetTrainerMeanTeacherNoConsistency,
     nnUNetTrainerMeanTeacherStrongConsistency,
     nnUNetTrainerMLDSMeanTaughtNoPseudo,
+    nnUNetTrainerMSKDNoGroundTruth,
 ]
 
 # name -> class, for every trainer and variant we offer. Stock nnUNetTrainer gets our short

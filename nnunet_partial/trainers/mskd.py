@@ -311,3 +311,9 @@ class nnUNetTrainerMSKD(CandidateExportMixin, nnUNetTrainerPartial):
         for k, v in means.items():
             self.logger.log(k, v, self.current_epoch)
         self.print_to_log_file("MS-KD terms (unweighted): " + ", ".join(f"{k[5:-5]} {v:.4g}" for k, v in means.items()))
+
+
+class nnUNetTrainerMSKDNoGroundTruth(nnUNetTrainerMSKD):
+    """Benchmark ablation: distillation alone (the paper's loss), without the marginal ground-truth term that
+    ``nnUNetTrainerMSKD`` adds where the dataset has ``annotated_labels``."""
+    use_ground_truth_loss = False
