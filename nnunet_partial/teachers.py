@@ -516,7 +516,8 @@ def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: s
     ``plans_name`` (``edit_plans(configuration_dict)`` may change them). The registry entry.
 
     For timing and tests only: a teacher's forward costs the same trained or not, so MS-KD's train step can be
-    measured (scripts/benchmark_speed.py) and exercised without training teachers first."""
+    measured (scripts/benchmark_speed.py) and exercised without training teachers first. A teacher already
+    written with the same plans and dataset.json is kept as it is (no new checkpoint)."""
     import copy
 
     import torch
@@ -535,11 +536,16 @@ def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: s
     dj = {"channel_names": channels or parent_dj["channel_names"], "labels": labels or {"background": 0, label: 1},
           "numTraining": 3, "file_ending": parent_dj["file_ending"]}
     folder = os.path.join(results, name, f"nnUNetTrainer__{plans_name}__{configuration}")
-    # exist_ok: a module-scoped fixture imported by a second test module writes the same teacher again
+    checkpoint_file = os.path.join(folder, "fold_0", "checkpoint_final.pth")
+    entry = TeacherEntry(label, value, name, dataset_id, "nnUNetTrainer", plans_name, (configuration,), ("0",), 3)
+    written = [os.path.join(folder, "plans.json"), os.path.join(folder, "dataset.json")]
+    if (checkpoint and os.path.isfile(checkpoint_file) and all(os.path.isfile(f) for f in written)
+            and [_load_json(f) for f in written] == [plans, dj]):
+        return entry   # the same teacher again (a re-run, a second test module): its weights are as arbitrary as new ones
     os.makedirs(os.path.join(folder, "fold_0"), exist_ok=True)
     os.makedirs(os.path.join(raw, name), exist_ok=True)
-    for obj, file in ((plans, "plans.json"), (dj, "dataset.json")):
-        with open(os.path.join(folder, file), "w") as f:
+    for obj, file in zip((plans, dj), written):
+        with open(file, "w") as f:
             json.dump(obj, f)
     if checkpoint:
         pm = PlansManager(plans)
@@ -548,8 +554,8 @@ def write_untrained_teacher(raw: str, preprocessed: str, results: str, parent: s
                                                        len(dj["channel_names"]), len(dj["labels"]),
                                                        enable_deep_supervision=False)
         torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer",
-                    "init_args": {"configuration": configuration}}, os.path.join(folder, "fold_0", "checkpoint_final.pth"))
-    return TeacherEntry(label, value, name, dataset_id, "nnUNetTrainer", plans_name, (configuration,), ("0",), 3)
+                    "init_args": {"configuration": configuration}}, checkpoint_file)
+    return entry
 
 
 def train_command(entry: TeacherEntry, configuration: str, fold: str, device: Optional[str] = None) -> list[str]:

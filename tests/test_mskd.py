@@ -188,6 +188,16 @@ def write_teacher(roots, label, value, dataset_id, edit_plans=None, labels=None,
                                    seed=seed)
 
 
+def test_an_untrained_teacher_written_again_is_kept_unless_its_plans_change(roots):
+    first = write_teacher(roots, "liver", 1, 604)
+    checkpoint = os.path.join(first.results_folder(str(roots["nnUNet_results"]), "2d"), "fold_0", "checkpoint_final.pth")
+    weights, mtime = torch.load(checkpoint, weights_only=False)["network_weights"], os.stat(checkpoint).st_mtime_ns
+    assert write_teacher(roots, "liver", 1, 604, seed=5) == first and os.stat(checkpoint).st_mtime_ns == mtime
+    write_teacher(roots, "liver", 1, 604, edit_plans=_narrow)            # other plans: a new network
+    narrowed = torch.load(checkpoint, weights_only=False)["network_weights"]
+    assert any(narrowed[k].shape != v.shape for k, v in weights.items())
+
+
 def write_registry(roots, *entries, parent="Dataset600_MSKDUnit"):
     save_teacher_registry(TeacherRegistry(parent, {e.label: e for e in entries}),
                           str(roots["nnUNet_preprocessed"] / parent))
