@@ -253,9 +253,9 @@ class Scenario:
     ``datasets`` holds ``"partial"`` (what the methods train on) and ``"oracle"`` (the same images,
     fully labelled; the oracle row is stock ``nnUNetTrainer`` on it), and any others; ``PSEUDO_DATASET``
     is derived from ``"partial"`` by the benchmark (teachers + pseudo labels), not written here. A trainer
-    (base name, no schedule suffix) trains on ``"partial"`` (``PSEUDO_LABEL_TRAINERS``: on D̂) unless
-    ``trainer_datasets`` names another key for it; ``not_applicable`` maps trainers that cannot run here to the reason. The fully labelled test
-    set is drawn from ``anatomy``. Headroom = oracle minus naive, and oracle minus ``supervised``.
+    (base name, no schedule suffix) trains on ``"partial"`` (full CoWAM: on D̂) unless ``trainer_datasets``
+    names another key for it; ``not_applicable`` maps trainers that cannot run here to the reason. The
+    fully labelled test set is drawn from ``anatomy``. Headroom = oracle minus naive, and oracle minus ``supervised``.
     """
     name: str
     description: str
@@ -267,17 +267,15 @@ class Scenario:
 
     def dataset_for(self, trainer: str) -> Optional[str]:
         """Dataset key a trainer trains on here, None when it does not apply."""
+        from nnunet_partial.trainers import needs_pseudo_labels
         if trainer in self.not_applicable:
             return None
-        return self.trainer_datasets.get(trainer, PSEUDO_DATASET if trainer in PSEUDO_LABEL_TRAINERS else "partial")
+        return self.trainer_datasets.get(trainer, PSEUDO_DATASET if needs_pseudo_labels(trainer) else "partial")
 
 
 # A dataset every scenario derives from its "partial" one by CoWAM's stage 1 (nnunet-partial teachers, then
 # pseudolabel): D̂, the partial dataset with every unannotated organ filled by single-organ teachers.
 PSEUDO_DATASET = "pseudo"
-# trainers that train on D̂ (full CoWAM), and those that need the partial dataset's trained teachers (MS-KD)
-PSEUDO_LABEL_TRAINERS = ("nnUNetTrainerCoWAMPseudo",)
-TEACHER_TRAINERS = ("nnUNetTrainerMSKD", "nnUNetTrainerMSKDNoGroundTruth")
 
 # in the scenarios with a "labelled" dataset (few fully labelled + many other cases): the supervised-only
 # baseline and its ablations (weight averaging, nnU-Net's batch replaced) train on the labelled cases alone

@@ -222,9 +222,10 @@ def camel(label: str) -> str:
     return "".join(p[:1].upper() + p[1:] for p in re.split(r"[^A-Za-z0-9]+", label) if p) or "Label"
 
 
-def find_raw_datasets(key: str, match: Callable[[dict], bool]) -> list[str]:
-    """Raw dataset folders whose dataset.json has ``key`` and satisfies ``match``."""
-    raw_root = nnunet_roots()[0]
+def find_raw_datasets(key: str, match: Callable[[dict], bool], raw_root: Optional[str] = None) -> list[str]:
+    """Raw dataset folders whose dataset.json has ``key`` and satisfies ``match``; ``raw_root``: default
+    nnU-Net's ``nnUNet_raw``."""
+    raw_root = raw_root or nnunet_roots()[0]
     out = []
     for d in sorted(os.listdir(raw_root)) if os.path.isdir(raw_root) else []:
         path = os.path.join(raw_root, d, "dataset.json")

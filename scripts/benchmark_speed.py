@@ -159,11 +159,6 @@ def register_untrained_teachers(synthetic: SyntheticSet, plans: str, configurati
     save_teacher_registry(TeacherRegistry(synthetic.name, entries), os.path.join(pre, synthetic.name))
 
 
-def needs_pseudo_labels(trainer_cls) -> bool:
-    from nnunet_partial.trainers import nnUNetTrainerCoWAMPseudo
-    return issubclass(trainer_cls, nnUNetTrainerCoWAMPseudo)
-
-
 def write_toy_plans(dataset_name: str, plans_identifier: str, configuration: str, patch, batch: int) -> str:
     """The name of a plans file written beside ``plans_identifier``: its plans with ``patch``/``batch`` for ``configuration`` and the planned network cut to the
     stages whose total stride divides the patch and leaves at least 4 voxels per axis."""
@@ -308,7 +303,7 @@ def run(args) -> dict:
     import numpy as np
     import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from nnunet_partial.trainers import DISTINCT_STEP_TRAINERS, get_trainer
+    from nnunet_partial.trainers import DISTINCT_STEP_TRAINERS, get_trainer, needs_pseudo_labels
 
     device = torch.device(args.device)
     trainers = [get_trainer(n) for n in args.trainers] if args.trainers else list(DISTINCT_STEP_TRAINERS)

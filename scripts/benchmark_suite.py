@@ -75,8 +75,8 @@ import numpy as np
 from nnunet_partial.annotations import PSEUDO_SOURCE_KEY, load_teacher_registry
 from nnunet_partial.evaluation import evaluate_folders, nanmean, save_results
 from nnunet_partial.experiment import Workspace, default_device
-from nnunet_partial.synthetic import (DEFAULT_SHAPE, LABELS, ORGANS, PSEUDO_DATASET, SCENARIOS, TEACHER_TRAINERS,
-                                      Scenario, write_test_set)
+from nnunet_partial.teachers import find_raw_datasets
+from nnunet_partial.synthetic import DEFAULT_SHAPE, LABELS, ORGANS, PSEUDO_DATASET, SCENARIOS, Scenario, write_test_set
 
 ORACLE, NAIVE = "oracle", "nnUNetTrainer"
 DEFAULT_TRAINERS = [NAIVE, "nnUNetTrainerPartial", "nnUNetTrainerPartialEMA", "nnUNetTrainerCoWAM",
@@ -152,7 +152,8 @@ def run_identity(run: Run) -> tuple:
 
 def uses_teachers(run: Run) -> bool:
     """Runs that need CoWAM's stage 1 on the partial dataset: trained single-organ teachers (MS-KD), or D̂."""
-    return run.dataset_key == PSEUDO_DATASET or trainer_of(run.method) in TEACHER_TRAINERS
+    from nnunet_partial.trainers import needs_teachers
+    return run.dataset_key == PSEUDO_DATASET or needs_teachers(trainer_of(run.method))
 
 
 def method_label(method: str, dataset_key: Optional[str]) -> str:
@@ -319,14 +320,11 @@ def _seeded_train_command(seed: int, dataset_id: int, configuration: str, traine
 
 def pseudo_dataset_of(ws: Workspace, parent: str, configuration: str, teacher_trainer: str) -> tuple[int, str]:
     """The D̂ that ``nnunet-partial pseudolabel`` made in this workspace from ``parent``'s teachers."""
-    for name in sorted(os.listdir(ws.raw)):
-        path = os.path.join(ws.raw, name, "dataset.json")
-        if os.path.isfile(path):
-            with open(path) as f:
-                source = json.load(f).get(PSEUDO_SOURCE_KEY, {})
-            if (source.get("parent"), source.get("configuration"), source.get("trainer")) == \
-                    (parent, configuration, teacher_trainer):
-                return int(name[len("Dataset"):len("Dataset") + 3]), name
+    made_here = lambda dj: ({k: dj[PSEUDO_SOURCE_KEY].get(k) for k in ("parent", "configuration", "trainer")} ==
+                            {"parent": parent, "configuration": configuration, "trainer": teacher_trainer})
+    for folder in find_raw_datasets(PSEUDO_SOURCE_KEY, made_here, ws.raw):
+        name = os.path.basename(folder)
+        return int(name[len("Dataset"):len("Dataset") + 3]), name
     raise RuntimeError(f"nnunet-partial pseudolabel made no D̂ of {parent} ({configuration}, {teacher_trainer}) "
                        f"in {ws.raw}")
 
@@ -350,23 +348,25 @@ def teacher_stage(ws: Workspace, scenario: Scenario, run: Run, args) -> dict:
     if os.path.isfile(timing_file):
         with open(timing_file) as f:
             timing = json.load(f)
+
+    def timed(key: str, cmd: list, log_name: str) -> None:   # wall time of a stage-1 command, kept across re-runs
+        timing[key] = timing.get(key, 0.0) + ws.run(cmd, log_name)
+        with open(timing_file, "w") as f:
+            json.dump(timing, f)
+
     for entry in sorted(registry.teachers.values(), key=lambda e: e.label_value):
         out = os.path.join(entry.results_folder(ws.results, run.configuration, teacher_trainer), f"fold_{FOLD}")
         if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
             cmd = _seeded_train_command(run.seed, entry.dataset_id, run.configuration, teacher_trainer, args.device,
                                         out, ["-p", entry.plans])
-            timing[entry.label] = timing.get(entry.label, 0.0) + ws.run(cmd, f"teacher_{entry.dataset_id}_{tag}")
-            with open(timing_file, "w") as f:
-                json.dump(timing, f)
+            timed(entry.label, cmd, f"teacher_{entry.dataset_id}_{tag}")
     seconds = sum(timing.get(label, float("nan")) for label in registry.teachers)
     if run.dataset_key != PSEUDO_DATASET:
         return {"seconds": seconds, "dataset": None}
     if "pseudolabel" not in timing:
-        timing["pseudolabel"] = ws.run(cli + ["pseudolabel", str(did), "-c", run.configuration, "-f", FOLD, "-tr",
-                                              teacher_trainer, "-device", args.device, "-np", "1",
-                                              *([] if args.tta else ["--disable-tta"])], f"pseudolabel_{tag}")
-        with open(timing_file, "w") as f:
-            json.dump(timing, f)
+        timed("pseudolabel", cli + ["pseudolabel", str(did), "-c", run.configuration, "-f", FOLD, "-tr", teacher_trainer,
+                                    "-device", args.device, "-np", "1", *([] if args.tta else ["--disable-tta"])],
+              f"pseudolabel_{tag}")
     return {"seconds": seconds + timing["pseudolabel"],
             "dataset": pseudo_dataset_of(ws, full, run.configuration, teacher_trainer)}
 

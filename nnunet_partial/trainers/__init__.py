@@ -72,3 +72,19 @@ def get_trainer(name: str) -> type:
         return TRAINERS[name]
     except KeyError:
         raise KeyError(f"no nnunet-partial trainer named {name!r}; known: {TRAINER_NAMES}") from None
+
+
+def _is(trainer, base: type) -> bool:
+    cls = TRAINERS.get(trainer) if isinstance(trainer, str) else trainer
+    return cls is not None and issubclass(cls, base)
+
+
+def needs_pseudo_labels(trainer) -> bool:
+    """Trains on the pseudo-labelled dataset D̂ of ``nnunet-partial pseudolabel`` (full CoWAM and its variants);
+    ``trainer``: a class or a name (a name that is not ours: False)."""
+    return _is(trainer, nnUNetTrainerCoWAMPseudo)
+
+
+def needs_teachers(trainer) -> bool:
+    """Distils the registered teachers of ``nnunet-partial teachers`` (MS-KD and its variants)."""
+    return _is(trainer, nnUNetTrainerMSKD)
