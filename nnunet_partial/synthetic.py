@@ -71,7 +71,22 @@ ANATOMIES = {
     # the thin pancreas had the contrast of fat/muscle and was found late or never, even by the oracle.
     "tiny": _variant(_ORGAN_TEMPLATE, {2: {"radii": (0.06, 0.025, 0.025)}, 3: {"radii": (0.06, 0.025, 0.025)},
                                        4: {"radii": (0.05, 0.022, 0.10), "hu": 130.0}}),
+    # The default organs, but kidneys, spleen and pancreas may be missing from a body (ORGAN_ABSENCE): the only
+    # anatomy in which image-level labels say something (in the others every image holds every organ).
+    "absent": _ORGAN_TEMPLATE,
 }
+
+# anatomy -> {organ: probability that a case lacks it} (after surgery, or outside the field of view); the liver
+# always stays. Both kidneys go together (one label).
+ORGAN_ABSENCE = {"absent": {"kidney": 1 / 3, "spleen": 1 / 3, "pancreas": 1 / 3}}
+
+
+def absent_organs(seed: int, anatomy: str = "default") -> tuple:
+    """Organs that phantom ``seed`` of ``anatomy`` lacks (none outside ``ORGAN_ABSENCE``). Drawn from their own
+    generator, so every other draw of the phantom (body, positions, noise) is the same as in "default"."""
+    chances = ORGAN_ABSENCE.get(anatomy, {})
+    draws = np.random.default_rng([int(seed), 9]).random(len(ORGANS))
+    return tuple(o for o, d in zip(ORGANS, draws) if d < chances.get(o, 0.0))
 
 
 # Image-level classes of the MultiMix benchmark (``class_task="lesion"``): a small bright lesion inside the
@@ -89,12 +104,14 @@ def lesion_present(seed: int) -> bool:
 
 
 def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
-                 anatomy: str = "default", lesion: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 anatomy: str = "default", lesion: bool = False, complete: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One case: (image int16 (z, y, x), label uint8 (z, y, x)), fully labelled; ``anatomy`` names an
-    entry of ``ANATOMIES``. ``lesion``: add a bright blob inside the liver (label unchanged: liver)."""
+    entry of ``ANATOMIES``. ``lesion``: add a bright blob inside the liver (label unchanged: liver).
+    ``complete``: every organ present, whatever ``ORGAN_ABSENCE`` draws for this case."""
     if anatomy not in ANATOMIES:
         raise ValueError(f"unknown anatomy {anatomy!r}; known: {sorted(ANATOMIES)}")
     rng = np.random.default_rng(seed)
+    missing = set() if complete else {LABELS[o] for o in absent_organs(seed, anatomy)}
     shape = tuple(int(s) for s in shape)
     zz, yy, xx = np.meshgrid(*[np.linspace(0, 1, s, endpoint=False) + 0.5 / s for s in shape], indexing="ij")
 
@@ -119,8 +136,11 @@ def make_phantom(seed: int, shape: Sequence[int] = DEFAULT_SHAPE,
         rx = np.sin(theta) * dy + np.cos(theta) * dx
         inside = ((zz - c[0]) / r[0]) ** 2 + (ry / r[1]) ** 2 + (rx / r[2]) ** 2 <= 1
         inside &= body & ~spine
+        hu = organ.hu + rng.normal(0, 4)      # drawn even for a missing organ: the later draws stay the same
+        if organ.label in missing:
+            continue
         label[inside] = organ.label
-        image[inside] = organ.hu + rng.normal(0, 4)
+        image[inside] = hu
         if organ.label == 1:
             liver_center, liver_radii = c, r
 
@@ -158,7 +178,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
                           shape: Sequence[int] = DEFAULT_SHAPE, seed: int = 0,
                           partial: bool = True, anatomy: str = "default", class_task: Optional[str] = None,
                           class_labelled_fraction: float = 0.0, pseudo_labelled: bool = False,
-                          edit_metadata: Optional[Callable[[dict], None]] = None) -> str:
+                          n_complete: int = 0, edit_metadata: Optional[Callable[[dict], None]] = None) -> str:
     """Write a merged nnU-Net raw dataset ``Dataset{id:03d}_{name}`` and return its folder.
 
     ``sources`` maps a source name to the organs it annotates; each source contributes
@@ -178,6 +198,9 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
     ``pseudo_labelled=True`` writes a pseudo-labelled dataset D̂ as ``nnunet-partial pseudolabel`` would from
     perfect teachers: every label file holds every organ, ``annotated_labels`` stays the manual annotation and
     ``pseudo_labels`` names the other organs of each case (nnUNetTrainerCoWAMPseudo trains on it).
+
+    ``n_complete``: the first cases of the plan keep every organ where ``anatomy`` lets organs be missing
+    (``ORGAN_ABSENCE``); label-efficiency's few labelled cases, so that each organ has labels to learn from.
 
     ``edit_metadata`` may change, in place, the dict of our dataset.json keys (``annotated_labels``, ...) before
     nnU-Net's ``generate_dataset_json`` writes them (e.g. to add weak labels); the folder is moved into place only
@@ -200,7 +223,7 @@ def write_partial_dataset(raw_root: str, dataset_id: int, name: str = "Synthetic
             counters[src] = counters.get(src, 0) + 1
             case = f"{src}_{counters[src]:03d}"
             has_lesion = class_task == "lesion" and lesion_present(seed * 100003 + i)
-            image, label = make_phantom(seed * 100003 + i, shape, anatomy, lesion=has_lesion)
+            image, label = make_phantom(seed * 100003 + i, shape, anatomy, lesion=has_lesion, complete=i < n_complete)
             if i < n_class_labelled:
                 class_labels[case] = LESION_CLASSES[int(has_lesion)]
             if partial and pseudo_labelled and len(organs) < len(ORGANS):
@@ -374,36 +397,46 @@ def write_weak_label_dataset(raw_root: str, dataset_id: int, name: str = "Synthe
         # annotated_labels is in plan order: case i is phantom seed * 100003 + i (write_partial_dataset)
         for i, (case, organs) in enumerate(metadata["annotated_labels"].items()):
             if not organs:
-                present, boxes = weak_labels_of(make_phantom(seed * 100003 + i, shape, anatomy)[1])
+                full = make_phantom(seed * 100003 + i, shape, anatomy, complete=i < plan.get("n_complete", 0))[1]
+                present, boxes = weak_labels_of(full)
                 metadata[key][case] = present if weak == "image_labels" else boxes
 
     return write_partial_dataset(raw_root, dataset_id, name=name, seed=seed, shape=shape, anatomy=anatomy,
                                  edit_metadata=None if weak == "none" else add_weak_labels, **plan)
 
 
-def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
+def label_efficiency(weak: str = "none", n_labelled: int = 2, n_unlabelled: int = 18,
+                     anatomy: str = "default") -> Scenario:
     """Issue 12, item 2: ``n_labelled`` fully labelled cases (10 % by default), the rest unlabelled, with
     image-level labels or with boxes (``weak``). Supervised-only = nnUNetTrainerPartial on the labelled cases
-    alone; the oracle labels every case. All datasets share their images (labelled cases first in every plan)."""
-    plan = {"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled}
+    alone; the oracle labels every case. All datasets share their images (labelled cases first in every plan).
+    ``anatomy="absent"``: organs missing from some bodies, unlabelled and test cases alike (image-level labels then
+    say which; a test case without an organ scores only a prediction of it, as Dice 0); the labelled cases keep
+    every organ (``n_complete``)."""
+    # the anatomy only where it is not the default: the suite identifies finished runs by these arguments
+    looks = {"anatomy": anatomy, "n_complete": n_labelled} if anatomy != "default" else {}
+    plan = {"sources": {}, "n_full": n_labelled, "n_unlabelled": n_unlabelled, **looks}
     suffix = {"none": "", "image_labels": "-image-labels", "boxes": "-boxes"}[weak] if weak in WEAK_KINDS else None
     if suffix is None:
         raise ValueError(f"unknown weak-label kind {weak!r}; known: {WEAK_KINDS}")
+    absence = (f"; {', '.join(ORGAN_ABSENCE[anatomy])} each missing from "
+               f"{max(ORGAN_ABSENCE[anatomy].values()):.0%} of the bodies") if anatomy in ORGAN_ABSENCE else ""
     return Scenario(
         f"label-efficiency{suffix}", f"{n_labelled} fully labelled + {n_unlabelled} "
-                                     + ("unlabelled" if weak == "none" else f"with {weak.replace('_', '-')} only"),
+                                     + ("unlabelled" if weak == "none" else f"with {weak.replace('_', '-')} only")
+                                     + absence,
         {"partial": DatasetSpec({**plan, "weak": weak}, writer=write_weak_label_dataset),
-         "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled}),
-         "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False})},
-        trainer_datasets=dict.fromkeys(SUPERVISED_ONLY_TRAINERS, "labelled"))
+         "labelled": DatasetSpec({"sources": {}, "n_full": n_labelled, **looks}),
+         "oracle": DatasetSpec({"sources": {}, "n_full": n_labelled + n_unlabelled, "partial": False, **looks})},
+        anatomy=anatomy, trainer_datasets=dict.fromkeys(SUPERVISED_ONLY_TRAINERS, "labelled"))
 
 
-def _label_efficiency_boxes(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
-    return label_efficiency("boxes", n_labelled, n_unlabelled)
+def _label_efficiency_boxes(n_labelled: int = 2, n_unlabelled: int = 18, anatomy: str = "default") -> Scenario:
+    return label_efficiency("boxes", n_labelled, n_unlabelled, anatomy)
 
 
-def _label_efficiency_image_labels(n_labelled: int = 2, n_unlabelled: int = 18) -> Scenario:
-    return label_efficiency("image_labels", n_labelled, n_unlabelled)
+def _label_efficiency_image_labels(n_labelled: int = 2, n_unlabelled: int = 18, anatomy: str = "default") -> Scenario:
+    return label_efficiency("image_labels", n_labelled, n_unlabelled, anatomy)
 
 
 SCENARIOS.update({"label-efficiency": label_efficiency, "label-efficiency-image-labels": _label_efficiency_image_labels,

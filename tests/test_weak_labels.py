@@ -427,3 +427,44 @@ def test_label_efficiency_scenarios_write_weak_labels(tmp_path):
                     for z0, y0, x0, z1, y1, x1 in pa.boxes[case].get(value, ()):
                         inside[z0:z1, y0:y1, x0:x1] = True
                     assert inside[full == value].all() and (not (full == value).any() or inside.mean() < 0.5)
+
+
+def test_absent_anatomy_removes_organs_only_and_image_labels_name_what_is_left(tmp_path):
+    """Image-level labels can act only where organs may be missing; the "absent" anatomy is the default phantom
+    with some organs removed (every other draw equal), and the labelled cases of the scenario keep all organs."""
+    from nnunet_partial.synthetic import LABELS, ORGANS, SCENARIOS, absent_organs, make_phantom
+    shape = (8, 24, 24)
+    missing = {s: absent_organs(s, "absent") for s in range(40)}
+    assert all(absent_organs(s) == () for s in range(40))                 # other anatomies: nothing missing
+    assert all("liver" not in m for m in missing.values()) and len({m for m in missing.values()}) > 3
+    for organ in ORGANS[1:]:
+        assert 5 <= sum(organ in m for m in missing.values()) <= 22       # about a third of 40
+    seed = next(s for s, m in missing.items() if len(m) >= 2)
+    image, label = make_phantom(seed, shape, "absent")
+    image0, label0 = make_phantom(seed, shape)
+    gone = np.isin(label0, [LABELS[o] for o in missing[seed]])
+    assert gone.any() and not np.isin(label, [LABELS[o] for o in missing[seed]]).any()
+    assert np.array_equal(label[~gone], label0[~gone]) and np.array_equal(image[~gone], image0[~gone])
+    assert np.array_equal(make_phantom(seed, shape, "absent", complete=True)[1], label0)
+
+    scenario = SCENARIOS["label-efficiency-image-labels"](n_labelled=2, n_unlabelled=6, anatomy="absent")
+    assert scenario.anatomy == "absent" and "missing" in scenario.description
+    spec = scenario.datasets["partial"]
+    folder = spec.writer(str(tmp_path), 645, name="Absent", seed=0, shape=shape, **spec.kwargs)
+    with open(os.path.join(folder, "dataset.json")) as f:
+        dj = json.load(f)
+    cases = list(dj["annotated_labels"])
+    for i, case in enumerate(cases):
+        full = make_phantom(i, shape, "absent", complete=i < 2)[1]    # seed 0: phantom i
+        if i < 2:
+            assert set(np.unique(full)) == {0, 1, 2, 3, 4}
+            stored = sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, "labelsTr", f"{case}.nii.gz")))
+            assert np.array_equal(stored, full)
+        else:
+            assert sorted(dj["image_labels"][case]) == sorted(o for o in ORGANS if LABELS[o] in full)
+    assert any(len(v) < 4 for v in dj["image_labels"].values())          # some image labels rule organs out
+    # the oracle has the same images: labelled cases complete, the others with their organs missing
+    oracle = scenario.datasets["oracle"]
+    assert dict(oracle.kwargs)["n_complete"] == 2 and dict(oracle.kwargs)["anatomy"] == "absent"
+    # and the default scenario's arguments are unchanged (the suite identifies finished runs by them)
+    assert "anatomy" not in SCENARIOS["label-efficiency-image-labels"]().datasets["partial"].kwargs
