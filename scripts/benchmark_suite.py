@@ -11,6 +11,8 @@ same images with every organ labelled, the naive row stock ``nnUNetTrainer`` on 
 
     # a GPU session: the full comparison
     python scripts/benchmark_suite.py --workdir bench_suite --seeds 0 1 2 --configuration 2d 3d_fullres
+    # several runs at once (a GPU fits many small ones; data, stage 1 and test sets are still made once)
+    python scripts/benchmark_suite.py --workdir bench_suite --seeds 0 1 2 --jobs 12
     # CPU: fewer runs (3d_fullres then gets the shorter 'demo' schedule unless --schedule is given)
     python scripts/benchmark_suite.py --workdir bench_cpu --scenarios few-labels --seeds 0 --configuration 2d
     # sizes of a scenario: SCENARIO.ARG=VALUE (the keyword arguments of its function)
@@ -66,7 +68,9 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Optional
 
@@ -255,6 +259,17 @@ class ResultStore:
 
 
 # ---------------------------------------------------------------------- data
+_locks: dict = {}
+_locks_guard = threading.Lock()
+
+
+def _lock(*name) -> threading.Lock:
+    """One lock per name. With ``--jobs`` > 1 runs share a workspace's data and stage 1, and a scenario's test
+    set: one run at a time prepares them, the others wait and then find them done."""
+    with _locks_guard:
+        return _locks.setdefault(name, threading.Lock())
+
+
 def dataset_id_and_name(scenario: Scenario, key: str) -> tuple[int, str]:
     did = DATASET_ID_BASE + list(scenario.datasets).index(key)
     return did, f"Dataset{did:03d}_Suite{key.capitalize()}"
@@ -350,16 +365,22 @@ def teacher_stage(ws: Workspace, scenario: Scenario, run: Run, args) -> dict:
             timing = json.load(f)
 
     def timed(key: str, cmd: list, log_name: str) -> None:   # wall time of a stage-1 command, kept across re-runs
-        timing[key] = timing.get(key, 0.0) + ws.run(cmd, log_name)
-        with open(timing_file, "w") as f:
-            json.dump(timing, f)
+        seconds = ws.run(cmd, log_name)
+        with _lock("timing", timing_file):
+            timing[key] = timing.get(key, 0.0) + seconds
+            with open(timing_file, "w") as f:
+                json.dump(timing, f)
 
-    for entry in sorted(registry.teachers.values(), key=lambda e: e.label_value):
+    def train_teacher(entry) -> None:
         out = os.path.join(entry.results_folder(ws.results, run.configuration, teacher_trainer), f"fold_{FOLD}")
         if not os.path.isfile(os.path.join(out, "checkpoint_final.pth")):
             cmd = _seeded_train_command(run.seed, entry.dataset_id, run.configuration, teacher_trainer, args.device,
                                         out, ["-p", entry.plans])
             timed(entry.label, cmd, f"teacher_{entry.dataset_id}_{tag}")
+
+    teachers = sorted(registry.teachers.values(), key=lambda e: e.label_value)
+    with ThreadPoolExecutor(max(1, min(args.jobs, len(teachers)))) as pool:   # --jobs teachers at once
+        list(pool.map(train_teacher, teachers))    # list(): a failed teacher raises here
     seconds = sum(timing.get(label, float("nan")) for label in registry.teachers)
     if run.dataset_key != PSEUDO_DATASET:
         return {"seconds": seconds, "dataset": None}
@@ -376,13 +397,22 @@ def execute(run: Run, args, workdir: str) -> dict:
     scenario = run.scenario
     ws = Workspace(os.path.join(workdir, "runs", scenario.name, f"seed{run.seed}"),
                    env={"nnUNet_n_proc_DA": str(args.da_workers)})
-    write_datasets(ws, scenario, run.seed, tuple(args.shape))
-    stage1 = teacher_stage(ws, scenario, run, args) if uses_teachers(run) else None
+    with _lock("data", ws.root):
+        write_datasets(ws, scenario, run.seed, tuple(args.shape))
+        for key in {"partial" if run.dataset_key == PSEUDO_DATASET else run.dataset_key} | (
+                {"partial"} if uses_teachers(run) else set()):
+            preprocess(ws, scenario, key, run.configuration)
+    if uses_teachers(run):
+        with _lock("stage 1", ws.root, run.configuration, run.schedule):
+            stage1 = teacher_stage(ws, scenario, run, args)
+    else:
+        stage1 = None
     if run.dataset_key == PSEUDO_DATASET:
         did, full = stage1["dataset"]
     else:
-        did, full = preprocess(ws, scenario, run.dataset_key, run.configuration)
-    images, labels = test_set(workdir, scenario, args.n_test, tuple(args.shape))
+        did, full = dataset_id_and_name(scenario, run.dataset_key)
+    with _lock("test", workdir, scenario.name):
+        images, labels = test_set(workdir, scenario, args.n_test, tuple(args.shape))
 
     out = os.path.join(ws.results, full, f"{run.trainer}__nnUNetPlans__{run.configuration}", f"fold_{FOLD}")
     timing = os.path.join(out, "suite_train_seconds.json")
@@ -616,12 +646,18 @@ def parse_args(argv):
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--da-workers", type=int, default=None,
                    help="nnUNet_n_proc_DA for training; 0 (default on CPU) keeps augmentation seeded")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs (and stage-1 teachers) trained at once; >1 on a GPU, where several small runs cost "
+                        "what one does (set --da-workers to about cores / jobs); 1 on a small CPU")
     p.add_argument("--report-only", action="store_true", help="print the report from results.json, run nothing")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
     args.device = args.device or default_device()
     if args.da_workers is None:
         env = os.environ.get("nnUNet_n_proc_DA")
-        args.da_workers = int(env) if env else (0 if args.device == "cpu" else min(8, os.cpu_count() or 1))
+        args.da_workers = int(env) if env else (
+            0 if args.device == "cpu" else min(8, max(1, (os.cpu_count() or 1) // args.jobs)))
     return args
 
 
@@ -662,6 +698,7 @@ def main(argv=None) -> int:
         print(f"{len(runs)} runs, {len(runs) - len(todo)} already in {store.path}; device {args.device}, "
               f"augmentation workers {args.da_workers}", flush=True)
         t_start, done = time.time(), 0
+        pending, twins = [], {}   # runs to train; runs waiting for a pending run of the same identity
         for i, run in enumerate(runs, 1):
             head = f"[{i}/{len(runs)}] {run.scenario.name} {run.configuration} seed {run.seed} {run.trainer}"
             if run.key in store.runs:
@@ -671,23 +708,37 @@ def main(argv=None) -> int:
             if same is not None:
                 store.add(run.key, {**store.runs[same], "scenario": run.scenario.name, "reused_from": same})
                 print(f"{head}: same dataset and settings as {same}, its result reused", flush=True)
-                continue
+            elif any(run_identity(p) == run_identity(run) for p, _ in pending):
+                twins.setdefault(run_identity(run), []).append((run, head))
+            else:
+                pending.append((run, head))
+
+        def start(run: Run, head: str) -> tuple[dict, float]:
             print(f"{head}: running ({run.dataset_key} dataset)", flush=True)
             t0 = time.time()
-            try:
-                record = execute(run, args, workdir)
-            except RuntimeError as e:   # a failed nnU-Net command: note it, go on with the others
-                failures.append(run.key)
-                print(f"{head}: FAILED {str(e).splitlines()[0]}", flush=True)
-                continue
-            store.add(run.key, record)
-            trained[run_identity(run)] = run.key
-            done += 1
-            elapsed = time.time() - t_start
-            left = sum(1 for r in runs[i:] if r in todo)
-            print(f"{head}: mean Dice {record['mean_dice']:.3f}, train {record['train_seconds']:.0f} s, "
-                  f"run {time.time() - t0:.0f} s; elapsed {_duration(elapsed)}, about "
-                  f"{_duration(elapsed / done * left)} left ({left} runs)", flush=True)
+            return execute(run, args, workdir), time.time() - t0
+
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = {pool.submit(start, run, head): (run, head) for run, head in pending}
+            for future in as_completed(futures):
+                run, head = futures[future]
+                try:
+                    record, run_seconds = future.result()
+                except RuntimeError as e:   # a failed nnU-Net command: note it, go on with the others
+                    failures += [run.key] + [twin.key for twin, _ in twins.pop(run_identity(run), [])]
+                    print(f"{head}: FAILED {str(e).splitlines()[0]}", flush=True)
+                    continue
+                store.add(run.key, record)
+                trained[run_identity(run)] = run.key
+                for twin, twin_head in twins.pop(run_identity(run), []):
+                    store.add(twin.key, {**record, "scenario": twin.scenario.name, "reused_from": run.key})
+                    print(f"{twin_head}: same dataset and settings as {run.key}, its result reused", flush=True)
+                done += 1
+                elapsed = time.time() - t_start
+                left = len(pending) - done
+                print(f"{head}: mean Dice {record['mean_dice']:.3f}, train {record['train_seconds']:.0f} s, "
+                      f"run {run_seconds:.0f} s; elapsed {_duration(elapsed)}, about "
+                      f"{_duration(elapsed / done * left)} left ({left} runs)", flush=True)
 
     records = [store.runs[r.key] for r in runs if r.key in store.runs]
     summary = summarise(records)

@@ -314,8 +314,8 @@ def test_runs_on_the_same_dataset_are_shared_between_scenarios(tmp_path, capsys)
 
 
 # ---------------------------------------------------------------------- end to end
-def _suite(workdir, trainers, env) -> tuple[subprocess.CompletedProcess, float]:
-    cmd = [sys.executable, SCRIPT, "--workdir", str(workdir), "--scenarios", "few-labels",
+def _suite(workdir, trainers, env, extra=()) -> tuple[subprocess.CompletedProcess, float]:
+    cmd = [sys.executable, SCRIPT, *extra, "--workdir", str(workdir), "--scenarios", "few-labels",
            "--scenario-arg", "few-labels.cases_per_source=1", "few-labels.n_unlabelled=1",
            "--trainers", *trainers, "--seeds", "0", "-c", "2d", "--schedule", "tiny", "--shape", "16", "32", "32",
            "--n-test", "2", "--device", "cpu"]
@@ -329,13 +329,14 @@ def _suite(workdir, trainers, env) -> tuple[subprocess.CompletedProcess, float]:
 def test_suite_end_to_end_tiny_and_resume(tmp_path):
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
     workdir = tmp_path / "suite"
-    first, _ = _suite(workdir, ["nnUNetTrainerPartial", "oracle"], env)
+    # two runs at once (as on a GPU): they share the workspace's data and the test set, made once under a lock
+    first, _ = _suite(workdir, ["nnUNetTrainerPartial", "oracle"], env, ["--jobs", "2"])
     assert "[1/2] few-labels 2d seed 0 nnUNetTrainerPartial_tiny: running (partial dataset)" in first.stdout
     assert "[2/2] few-labels 2d seed 0 nnUNetTrainer_tiny: running (oracle dataset)" in first.stdout
     assert "elapsed" in first.stdout and "left (1 runs)" in first.stdout and "left (0 runs)" in first.stdout
     results = json.load(open(workdir / "results.json"))
     keys = ["few-labels/2d/tiny/seed0/nnUNetTrainerPartial", "few-labels/2d/tiny/seed0/oracle"]
-    assert list(results["runs"]) == keys
+    assert sorted(results["runs"]) == keys      # in the order they finished
     partial, oracle = (results["runs"][k] for k in keys)
     assert partial["dataset"] == "Dataset900_SuitePartial" and oracle["dataset"] == "Dataset901_SuiteOracle"
     assert oracle["trainer"] == "nnUNetTrainer_tiny"
@@ -374,7 +375,8 @@ def test_suite_runs_stage_one_once_for_mskd_and_the_pseudo_labelled_dataset(tmp_
     schedule), D̂ is made from them, and both runs report the stage's seconds."""
     env = {**os.environ, "nnUNet_n_proc_DA": "0", "nnUNet_def_n_proc": "1", "nnUNet_compile": "false"}
     workdir = tmp_path / "suite"
-    proc, _ = _suite(workdir, ["nnUNetTrainerMSKD", "nnUNetTrainer@pseudo"], env)
+    # --jobs 2: both runs wait for one stage 1, whose teachers train two at a time
+    proc, _ = _suite(workdir, ["nnUNetTrainerMSKD", "nnUNetTrainer@pseudo"], env, ["--jobs", "2"])
     assert "nnUNetTrainer_tiny: running (pseudo dataset)" in proc.stdout
     runs = json.load(open(workdir / "results.json"))["runs"]
     mskd, pseudo = runs["few-labels/2d/tiny/seed0/nnUNetTrainerMSKD"], runs["few-labels/2d/tiny/seed0/nnUNetTrainer@pseudo"]
