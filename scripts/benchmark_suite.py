@@ -56,7 +56,8 @@ progress line per run gives the elapsed time and an estimate of what is left. At
 scenario and configuration a table of mean +- sd over seeds per organ and overall (Dice, HD95), the
 lost-organ rate (runs x organs with Dice < 0.1), train seconds per run, the headroom (oracle - naive
 and oracle - supervised baseline, in Dice points; < 5 points means methods cannot be ranked there), the
-share of the oracle - supervised gap each other method closes,
+share of the oracle - supervised gap each other method closes; where test cases lack organs (anatomy "absent") also
+the false organs (an organ predicted in a case without it) and the Dice over the cases holding each organ,
 written to ``<workdir>/report.txt``, and a bar chart per configuration
 (``<workdir>/benchmark_suite_<configuration>.png``).
 """
@@ -469,11 +470,29 @@ def _mean_sd(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
 
 
+def _test_cases(record: dict, organs=ORGANS):
+    """(organ, n_ref, n_pred, Dice) for every test case and organ of a run."""
+    for metrics in record.get("evaluation", {}).get("per_case", {}).values():
+        for o in organs:
+            m = metrics.get(o, {})
+            if "n_ref" in m:
+                yield o, m["n_ref"], m["n_pred"], m["Dice"]
+
+
+def present_dice(record: dict, organ: str) -> Optional[float]:
+    """A run's mean test Dice of ``organ`` over the test cases that hold it (None: no such case). Differs from the
+    run's Dice only where organs are missing from test cases, which score 0 there for any voxel predicted."""
+    values = [d for o, ref, _, d in _test_cases(record) if o == organ and ref > 0 and d is not None]
+    return float(np.mean(values)) if values else None
+
+
 def summarise(records, organs=ORGANS) -> dict:
     """``{(scenario, configuration, schedule): {method: stats}}`` over seeds; methods in record order.
 
     stats: n, seeds, label, dice/hd95 per organ and mean_dice/mean_hd95 as (mean, sd), lost (runs x
-    organs with Dice < LOST_DICE), of (runs x organs), train_seconds (mean), supervised_baseline.
+    organs with Dice < LOST_DICE), of (runs x organs), train_seconds (mean), supervised_baseline; where test cases
+    lack organs (anatomy "absent"): absent (runs x test cases x organs missing), false_organs (how many of those got a
+    prediction), present_dice per organ and mean_present_dice (Dice over the cases holding the organ).
     """
     groups: dict = {}
     for r in records:
@@ -496,6 +515,10 @@ def summarise(records, organs=ORGANS) -> dict:
                 "train_seconds": nanmean(r["train_seconds"] for r in runs if r["train_seconds"] is not None),
                 "teacher_seconds": nanmean(r.get("teacher_seconds") for r in runs
                                            if r.get("teacher_seconds") is not None),
+                "absent": sum(1 for r in runs for _, ref, _, _ in _test_cases(r, organs) if ref == 0),
+                "false_organs": sum(1 for r in runs for _, ref, pred, _ in _test_cases(r, organs) if ref == 0 < pred),
+                "present_dice": {o: _mean_sd(present_dice(r, o) for r in runs) for o in organs},
+                "mean_present_dice": _mean_sd(nanmean(present_dice(r, o) for o in organs) for r in runs),
             }
     return out
 
@@ -539,14 +562,19 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
     lines = [f"== {title}; {configuration}, schedule {schedule}, seeds {' '.join(map(str, seeds))}"]
     seconds = lambda t: "n/a" if not np.isfinite(t) else f"{t:.0f}"
     with_teachers = any(np.isfinite(m.get("teacher_seconds", float("nan"))) for m in methods.values())
-    for metric, digits, unit in (("dice", 3, "Dice"), ("hd95", 1, "HD95 [mm], over the organs found")):
-        cols = list(organs) + ["mean"] + (["lost", "train s"] + (["+ teachers s"] if with_teachers else []) + ["runs"]
+    with_absent = any(m.get("absent") for m in methods.values())   # test cases missing organs
+    tables = [("dice", 3, "Dice"), ("hd95", 1, "HD95 [mm], over the organs found")]
+    tables += [("present_dice", 3, "Dice, test cases holding the organ")] if with_absent else []
+    for metric, digits, unit in tables:
+        cols = list(organs) + ["mean"] + (["lost"] + (["false organs"] if with_absent else []) + ["train s"]
+                                          + (["+ teachers s"] if with_teachers else []) + ["runs"]
                                           if metric == "dice" else [])
         rows = []
         for m in methods.values():
             cells = [_cell(m[metric][o], digits) for o in organs] + [_cell(m[f"mean_{metric}"], digits)]
             if metric == "dice":
-                cells += [f"{m['lost']}/{m['of']}", seconds(m["train_seconds"])]
+                cells += [f"{m['lost']}/{m['of']}"] + ([f"{m['false_organs']}/{m['absent']}"] if with_absent else [])
+                cells += [seconds(m["train_seconds"])]
                 cells += [seconds(m.get("teacher_seconds", float("nan")))] if with_teachers else []
                 cells += [str(m["n"])]
             rows.append([m["label"]] + cells)
@@ -554,6 +582,10 @@ def format_group(group, methods: dict, scenario: Optional[Scenario], skipped: di
         widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
         fmt = lambda r: "  ".join(f"{c:<{widths[0]}}" if i == 0 else f"{c:>{widths[i]}}" for i, c in enumerate(r))
         lines += [fmt(header), "-" * len(fmt(header))] + [fmt(r) for r in rows] + [""]
+    if with_absent:
+        lines.append("false organs: (run, test case, organ) with the organ missing from the case but predicted, of "
+                     "those missing; such a case scores Dice 0 for the organ in the first table, and is left out of "
+                     "the last")
     for trainer, reason in skipped.items():
         lines.append(f"{trainer}: not run here ({reason})")
     for oracle in [m for m in methods if is_oracle(m)] or [ORACLE]:

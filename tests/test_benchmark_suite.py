@@ -196,6 +196,33 @@ def test_summary_headroom_and_lost_organs():
     assert suite.gap_closed(suite.summarise(below)[("few-labels", "2d", "bench")]) == {}
 
 
+def test_organs_missing_from_test_cases_are_counted_as_false_organs_and_left_out_of_present_dice():
+    """Anatomy "absent": a test case without the spleen scores Dice 0 for any spleen voxel predicted (NaN for none);
+    the report counts those false organs and gives the Dice over the cases that hold the organ."""
+    def case(spleen_ref, spleen_pred, spleen_dice):
+        m = {o: {"Dice": 0.9, "n_ref": 100, "n_pred": 100} for o in ("liver", "kidney", "pancreas")}
+        return {**m, "spleen": {"Dice": spleen_dice, "n_ref": spleen_ref, "n_pred": spleen_pred}}
+
+    records = []
+    # seed 0 predicts 5 spleen voxels in case b, which has none: its spleen Dice is the mean of 0.8 and 0
+    for seed, (missing_pred, missing_dice, spleen) in enumerate(((5, 0.0, 0.4), (0, None, 0.8))):
+        r = _record("nnUNetTrainerX", seed, (0.9, 0.9, spleen, 0.9))
+        r["evaluation"] = {"per_case": {"a": case(100, 90, 0.8), "b": case(0, missing_pred, missing_dice)}}
+        records.append(r)
+    methods = suite.summarise(records)[("few-labels", "2d", "bench")]
+    x = methods["nnUNetTrainerX"]
+    assert x["absent"] == 2 and x["false_organs"] == 1
+    assert x["dice"]["spleen"][0] == pytest.approx(np.mean([0.4, 0.8]))     # the false organ costs seed 0
+    assert x["present_dice"]["spleen"] == pytest.approx((0.8, 0.0))         # not here
+    assert x["mean_present_dice"][0] == pytest.approx(np.mean([0.9, 0.9, 0.8, 0.9]))
+    text = suite.format_group(("few-labels", "2d", "bench"), methods, None, {})
+    assert "false organs" in text and "1/2" in text and "Dice, test cases holding the organ" in text
+    # test sets holding every organ (and records without per-case counts): no such columns
+    plain = suite.format_group(("few-labels", "2d", "bench"),
+                               suite.summarise([_record("oracle", 0, (0.9,) * 4)])[("few-labels", "2d", "bench")], None, {})
+    assert "false organs" not in plain and "holding" not in plain
+
+
 def test_a_trainer_on_the_oracle_dataset_is_a_second_oracle_row():
     """TRAINER@oracle: a trainer of ours on the fully labelled dataset, an upper bound beside stock nnU-Net's;
     TRAINER@KEY any dataset of the scenario, an unknown KEY a clear error."""
